@@ -1,0 +1,1 @@
+"""sessionsync daemon: watch session folders and mirror state.json into SQL."""

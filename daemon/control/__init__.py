@@ -1,0 +1,1 @@
+"""Control socket: protocol, server, handlers and the light client."""
