@@ -1,0 +1,1 @@
+"""Alembic migrations; run through `sessionsync db upgrade` or at daemon start."""

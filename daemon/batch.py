@@ -1,0 +1,122 @@
+"""A batch of session keys -> inspect each folder -> one store transaction.
+
+The one write path: live workers, the startup and nightly reconcile and `sessionsync
+reconcile` all come through `sync_batch`, so the skip checks, events and error handling are
+the same whichever way a change is found.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+from sqlalchemy import exc as sa_exc
+
+from sessionsync.daemon.store import ProjectRef, Store, WriteResult, is_transient
+from sessionsync.daemon.sync import Action, Change, Known, Verdict, inspect
+from sessionsync.models.keys import SessionKey
+
+
+@dataclass
+class BatchResult:
+    """Counts for summaries, plus the committed stream events."""
+
+    written: int = 0
+    touched: int = 0
+    unchanged: int = 0
+    invalid: int = 0
+    tombstoned: int = 0
+    no_state: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, other: BatchResult) -> None:
+        for name in ("written", "touched", "unchanged", "invalid", "tombstoned", "no_state"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.events.extend(other.events)
+
+
+def sync_batch(
+    store: Store,
+    projects: Mapping[str, ProjectRef],
+    keys: Sequence[SessionKey],
+    max_bytes: int,
+    known: Mapping[SessionKey, Known] | None = None,
+) -> BatchResult:
+    """Sync these sessions now; keys of unknown projects are ignored. Transient database errors
+    propagate (the caller retries the whole batch); anything else is isolated to its session."""
+    result = BatchResult()
+    if known is None:
+        known = _load_known(store, projects, keys)
+    changes: list[tuple[ProjectRef, Change]] = []
+    for key in keys:
+        project = projects.get(key.project)
+        if project is None:
+            continue
+        outcome = inspect(key, project.sessions_dir, known.get(key), max_bytes)
+        if outcome is Verdict.UNCHANGED:
+            result.unchanged += 1
+        elif outcome is Verdict.NO_STATE:
+            result.no_state += 1
+        elif isinstance(outcome, Change):
+            changes.append((project, outcome))
+    try:
+        _record(result, store.write(changes, known))
+    except Exception as exc:
+        if is_transient(exc) or len(changes) <= 1 or not isinstance(exc, sa_exc.SQLAlchemyError):
+            raise
+        # A row the database refuses (a value it cannot store) must not hold back the others:
+        # write one by one and let only the refused session carry the error.
+        for one in changes:
+            _record(result, _write_alone(store, one, known))
+    for project, change in changes:
+        if change.invalid:
+            logger.bind(project=project.path, slug=change.key.slug).warning(
+                "{}/{}: state.json is invalid ({}); keeping the last good mirror",
+                project.path,
+                change.key.slug,
+                change.error,
+            )
+    return result
+
+
+def _write_alone(
+    store: Store, one: tuple[ProjectRef, Change], known: Mapping[SessionKey, Known]
+) -> WriteResult:
+    project, change = one
+    try:
+        return store.write([one], known)
+    except Exception as exc:
+        if is_transient(exc) or not isinstance(exc, sa_exc.SQLAlchemyError):
+            raise
+        reason = f"the database refused this state ({type(exc.orig or exc).__name__}: {exc.orig or exc})"
+        logger.bind(project=project.path, slug=change.key.slug).error(
+            "{}/{}: {}", project.path, change.key.slug, reason
+        )
+        refused = Change(change.key, Action.WRITE, change.probe, change.state_hash, None, None, reason[:2000])
+        return store.write([(project, refused)], known)
+
+
+def _record(result: BatchResult, written: WriteResult) -> None:
+    result.written += written.written
+    result.touched += written.touched
+    result.invalid += written.invalid
+    result.tombstoned += written.tombstoned
+    result.events.extend(written.events)
+
+
+def _load_known(
+    store: Store, projects: Mapping[str, ProjectRef], keys: Sequence[SessionKey]
+) -> dict[SessionKey, Known]:
+    by_project: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        by_project[key.project].append(key.slug)
+    known: dict[SessionKey, Known] = {}
+    for path, slugs in by_project.items():
+        project = projects.get(path)
+        if project is not None:
+            for slug, row in store.known(project.id, slugs).items():
+                known[SessionKey(path, slug)] = row
+    return known

@@ -1,0 +1,250 @@
+"""config.toml + environment -> one frozen, validated Config.
+
+Lookup order: `--config PATH`, `$SESSIONSYNC_CONFIG`, `./config.toml`,
+`$XDG_CONFIG_HOME/sessionsync/config.toml`; built-in defaults fill the rest. Any key can be
+overridden with `SESSIONSYNC_<SECTION>__<KEY>`. Every error names the key, the value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import zoneinfo
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sessionsync.daemon.errors import ConfigError
+
+ENV_PREFIX = "SESSIONSYNC_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Section):
+    url: str = ""
+    auto_migrate: bool = True
+
+
+class WatchConfig(_Section):
+    projects: tuple[str, ...] = ()
+    roots: tuple[str, ...] = ("~",)
+    discover_depth: int = Field(4, ge=0, le=12)
+    sessions_subdir: str = "agents/sessions"
+    debounce_ms: int = Field(200, ge=0, le=60_000)
+    max_delay_ms: int = Field(2000, ge=1, le=600_000)
+    max_state_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+
+    @field_validator("projects", "roots")
+    @classmethod
+    def _absolute(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(os.path.abspath(os.path.expanduser(p)) for p in paths)
+
+    @field_validator("sessions_subdir")
+    @classmethod
+    def _relative(cls, subdir: str) -> str:
+        parts = Path(subdir).parts
+        if not parts or Path(subdir).is_absolute() or ".." in parts:
+            raise ValueError("must be a relative folder inside the project, such as agents/sessions")
+        return subdir
+
+    @model_validator(mode="after")
+    def _ceiling_after_quiet_period(self) -> WatchConfig:
+        if self.max_delay_ms < self.debounce_ms:
+            raise ValueError(
+                f"max_delay_ms ({self.max_delay_ms}) must be at least debounce_ms ({self.debounce_ms})"
+            )
+        return self
+
+
+class WorkersConfig(_Section):
+    threads: int = Field(2, ge=1, le=64)
+    batch_size: int = Field(256, ge=1, le=10_000)
+
+
+class ScheduleConfig(_Section):
+    reconcile_cron: str = "0 3 * * *"
+    timezone: str = "local"
+    reconcile_on_start: bool = True
+    discover_interval_s: int = Field(60, ge=1, le=86_400)
+
+    @field_validator("reconcile_cron")
+    @classmethod
+    def _cron(cls, expr: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(expr)
+        except ValueError as exc:
+            raise ValueError(f"not a valid 5-field crontab expression ({exc})") from None
+        return expr
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, name: str) -> str:
+        if name != "local":
+            try:
+                zoneinfo.ZoneInfo(name)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError("must be 'local' or an IANA zone name such as Europe/Paris") from None
+        return name
+
+
+class RetentionConfig(_Section):
+    tombstone_days: int = Field(7, ge=0, le=36_500)
+
+
+class ControlConfig(_Section):
+    socket: str = ""
+
+
+class LogConfig(_Section):
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    file: str = ""
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, level: object) -> object:
+        return level.upper() if isinstance(level, str) else level
+
+
+class Config(_Section):
+    """The whole configuration; `source` is the file it came from (None: defaults only)."""
+
+    database: DatabaseConfig = DatabaseConfig()
+    watch: WatchConfig = WatchConfig()
+    workers: WorkersConfig = WorkersConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    retention: RetentionConfig = RetentionConfig()
+    control: ControlConfig = ControlConfig()
+    log: LogConfig = LogConfig()
+    source: Path | None = None
+
+    def database_url(self, env: Mapping[str, str] | None = None) -> str:
+        """The configured URL, or SQLite in the state folder ($STATE_DIRECTORY under systemd)."""
+        if self.database.url:
+            return self.database.url
+        env = os.environ if env is None else env
+        state = env.get("STATE_DIRECTORY", "").split(":")[0]
+        if not state:
+            base = env.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+            state = os.path.join(base, "sessionsync")
+        return f"sqlite:///{os.path.join(state, 'sessions.db')}"
+
+    def socket_path(self, env: Mapping[str, str] | None = None) -> Path:
+        """The control socket: configured, or under the runtime folder (never a shared one)."""
+        if self.control.socket:
+            return Path(os.path.expanduser(self.control.socket))
+        from sessionsync.daemon.control.client import default_socket_path
+
+        return default_socket_path(env)
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation  # type: ignore[misc]
+    for name, field in Config.model_fields.items()
+    if name != "source"
+}
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
+    """The first config file in the lookup order; an explicitly named one must exist."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist", "check the --config path")
+        return path
+    if env.get("SESSIONSYNC_CONFIG"):
+        path = Path(env["SESSIONSYNC_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} (from $SESSIONSYNC_CONFIG) does not exist",
+                "fix or unset SESSIONSYNC_CONFIG",
+            )
+        return path
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    for candidate in (cwd / "config.toml", Path(xdg) / "sessionsync" / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(
+    explicit: str | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> Config:
+    """Read, overlay the environment, validate. Raises ConfigError naming what is wrong."""
+    env = os.environ if env is None else env
+    path = find_config_file(explicit, env, cwd or Path.cwd())
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    where = str(path) if path else "the built-in defaults"
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"unknown section [{section}] in {where}",
+                f"allowed sections: {', '.join(f'[{s}]' for s in _SECTIONS)}",
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] in {where} must be a table of keys, got {values!r}")
+    origins = {(s, k): where for s, keys in data.items() for k in keys}
+    for name, raw in env.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, key = _apply_env(data, name, raw)
+            origins[(section, key)] = f"${name}"
+    try:
+        return Config.model_validate({**data, "source": path})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origins)) from None
+
+
+def _apply_env(data: dict[str, Any], name: str, raw: str) -> tuple[str, str]:
+    section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+    model = _SECTIONS.get(section)
+    if model is None or key not in model.model_fields:
+        raise ConfigError(
+            f"unknown setting {name} in the environment",
+            "names look like SESSIONSYNC_<SECTION>__<KEY>, for example SESSIONSYNC_DATABASE__URL",
+        )
+    value: Any = raw
+    if model.model_fields[key].annotation == tuple[str, ...]:
+        # Lists come as a JSON array or, like PATH, separated by ':'.
+        if raw.lstrip().startswith("["):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name}={raw!r} is not a valid JSON array: {exc}") from None
+        else:
+            value = [part for part in raw.split(":") if part]
+    data.setdefault(section, {})[key] = value
+    return section, key
+
+
+def _describe(exc: ValidationError, origins: Mapping[tuple[str, str], str]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        section, key = (loc + ["", ""])[:2]
+        origin = origins.get((section, key), "")
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(_SECTIONS[section].model_fields) if section in _SECTIONS else ""
+            lines.append(f"unknown key {key!r} in [{section}] ({origin}); allowed keys: {allowed}")
+            continue
+        name = f"[{section}] {key}" if key else f"[{section}]"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        got = error.get("input")
+        shown = f" = {got!r}" if got is not None and not isinstance(got, dict) else ""
+        lines.append(f"{name}{shown} ({origin or 'default'}): {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,103 @@
+"""Full reconcile: make the database equal to the session folders of the given projects.
+
+For each project: list the session folders, load what the database knows, and run every
+folder plus every live row through `sync_batch` (which skips what is unchanged, writes what
+changed, tombstones what vanished and restores what came back), in batches of `batch_size`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from loguru import logger
+
+from sessionsync.daemon.batch import BatchResult, sync_batch
+from sessionsync.daemon.discovery import ProjectPath
+from sessionsync.daemon.store import ProjectRef, Store
+from sessionsync.models.keys import SessionKey
+
+
+@dataclass
+class ReconcileSummary:
+    """What a reconcile saw and did; `line()` is the one-paragraph summary users read."""
+
+    projects: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    totals: BatchResult = field(default_factory=BatchResult)
+
+    def line(self) -> str:
+        t = self.totals
+        return (
+            f"reconciled {self.projects} project(s): {self.seen} session(s) seen, {t.written} written, "
+            f"{t.unchanged + t.touched} unchanged, {t.invalid} invalid, {t.tombstoned} tombstoned, "
+            f"{t.no_state} without state.json, in {self.seconds * 1000:.0f} ms"
+        )
+
+    def as_dict(self) -> dict[str, int | float]:
+        t = self.totals
+        return {
+            "projects": self.projects,
+            "sessions": self.seen,
+            "changed": t.written + t.tombstoned,
+            "written": t.written,
+            "unchanged": t.unchanged + t.touched,
+            "invalid": t.invalid,
+            "tombstoned": t.tombstoned,
+            "no_state": t.no_state,
+            "ms": round(self.seconds * 1000),
+        }
+
+
+def list_slugs(sessions_dir: str) -> list[str]:
+    """Session folder names (links included, so they can be reported); hidden names skipped."""
+    try:
+        with os.scandir(sessions_dir) as entries:
+            return [
+                e.name
+                for e in entries
+                if not e.name.startswith(".") and (e.is_symlink() or e.is_dir(follow_symlinks=False))
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def register(store: Store, found: Iterable[ProjectPath]) -> dict[str, ProjectRef]:
+    """Project rows for these folders, created where new."""
+    known = {p.path: p for p in store.known_projects()}
+    refs = {}
+    for project in found:
+        ref = known.get(project.path)
+        if ref is None or ref.sessions_dir != project.sessions_dir:
+            ref = store.ensure_project(project.path, project.sessions_dir)
+        refs[project.path] = ref
+    return refs
+
+
+def reconcile(
+    store: Store,
+    projects: Sequence[ProjectRef],
+    max_bytes: int,
+    batch_size: int,
+) -> ReconcileSummary:
+    """One full pass over `projects`; marks each project reconciled once its batches commit."""
+    started = time.perf_counter()
+    summary = ReconcileSummary(projects=len(projects))
+    refs = {p.path: p for p in projects}
+    for project in projects:
+        known_rows = store.known(project.id)
+        on_disk = list_slugs(project.sessions_dir)
+        summary.seen += len(on_disk)
+        slugs = sorted(set(on_disk) | {s for s, k in known_rows.items() if not k.deleted})
+        for i in range(0, len(slugs), batch_size):
+            keys = [SessionKey(project.path, s) for s in slugs[i : i + batch_size]]
+            known = {k: known_rows[k.slug] for k in keys if k.slug in known_rows}
+            summary.totals.add(sync_batch(store, refs, keys, max_bytes, known))
+    store.mark_reconciled([p.id for p in projects], datetime.now(UTC))
+    summary.seconds = time.perf_counter() - started
+    logger.info(summary.line())
+    return summary

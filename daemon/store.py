@@ -1,0 +1,390 @@
+"""The database side: projects, known rows, and one transaction per batch of changes.
+
+Writes use the dialect's `INSERT ... ON CONFLICT DO UPDATE` through `executemany`, rows sorted
+by key so two writers never deadlock; an event row per meaningful change; on PostgreSQL a
+`NOTIFY sessionsync` in the same transaction, so listeners only ever see committed changes.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+
+from sessionsync.models.events import (
+    NOTIFY_CHANNEL,
+    SessionEventKind,
+    notify_payload,
+    session_event,
+)
+from sessionsync.models.keys import SessionKey
+from sessionsync.models.tables import projects, session_events, sessions
+from sessionsync.daemon.sync import Action, Change, Known
+
+_MIRRORED = (
+    "session_id",
+    "title",
+    "description",
+    "session_type",
+    "status",
+    "current_phase",
+    "phase_history",
+    "git_branch",
+    "git_worktree",
+    "git_base_branch",
+    "checkpoints_total",
+    "checkpoints_completed",
+    "checkpoints_completed_list",
+    "current_checkpoint",
+    "commits",
+    "artifacts",
+    "schema_version",
+    "created_at",
+    "updated_at",
+    "raw_state",
+)
+_STAT = ("state_hash", "state_size", "state_mtime", "state_mtime_ns", "spec_exists", "plan_exists")
+_STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection lost, database locked, server gone: worth retrying with backoff."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectRef:
+    id: int
+    path: str
+    sessions_dir: str
+
+
+@dataclass
+class WriteResult:
+    """What one batch wrote: row counts by action and the stream events it committed."""
+
+    written: int = 0
+    touched: int = 0
+    tombstoned: int = 0
+    invalid: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Store:
+    """All database access of the daemon and the one-shot commands goes through here."""
+
+    def __init__(self, engine: Engine, host: str | None = None) -> None:
+        self.engine = engine
+        self.host = host or socket.gethostname()
+        self.dialect = engine.dialect.name
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+
+    # -- projects -------------------------------------------------------------------------
+
+    def ensure_project(self, path: str, sessions_dir: str) -> ProjectRef:
+        """The project's row, created on first sight (safe against a concurrent creator)."""
+        with self.engine.begin() as conn:
+            stmt = self._insert(projects).values(
+                host=self.host,
+                working_dir=path,
+                name=path.rstrip("/").rsplit("/", 1)[-1] or path,
+                sessions_dir=sessions_dir,
+                created_at=datetime.now(UTC),
+            )
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["host", "working_dir"], set_={"sessions_dir": sessions_dir}
+                )
+            )
+            row_id = conn.execute(
+                select(projects.c.id).where(projects.c.host == self.host, projects.c.working_dir == path)
+            ).scalar_one()
+        return ProjectRef(row_id, path, sessions_dir)
+
+    def known_projects(self) -> list[ProjectRef]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(projects.c.id, projects.c.working_dir, projects.c.sessions_dir).where(
+                    projects.c.host == self.host
+                )
+            )
+            return [ProjectRef(r.id, r.working_dir, r.sessions_dir) for r in rows]
+
+    def mark_reconciled(self, project_ids: Collection[int], at: datetime) -> None:
+        if not project_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(projects).where(projects.c.id.in_(list(project_ids))).values(last_reconciled_at=at)
+            )
+
+    def last_full_reconcile(self) -> datetime | None:
+        """The oldest last_reconciled_at among this host's projects (None if any never was)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    func.count(), func.count(projects.c.last_reconciled_at), func.min(projects.c.last_reconciled_at)
+                ).where(projects.c.host == self.host)
+            ).one()
+        total, reconciled, oldest = row
+        if not total or reconciled < total:
+            return None
+        return oldest if isinstance(oldest, datetime) else None
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def known(self, project_id: int, slugs: Collection[str] | None = None) -> dict[str, Known]:
+        """What the database holds for these slugs of a project (all of them when None)."""
+        s = sessions.c
+        query = select(
+            s.slug,
+            s.id,
+            s.state_size,
+            s.state_mtime_ns,
+            s.state_hash,
+            s.spec_exists,
+            s.plan_exists,
+            s.deleted_at,
+            s.invalid,
+            s.current_phase,
+            s.status,
+        ).where(s.project_id == project_id)
+        if slugs is not None:
+            query = query.where(s.slug.in_(list(slugs)))
+        with self.engine.connect() as conn:
+            return {
+                r.slug: Known(
+                    r.id,
+                    r.state_size,
+                    r.state_mtime_ns,
+                    r.state_hash,
+                    r.spec_exists,
+                    r.plan_exists,
+                    r.deleted_at is not None,
+                    r.invalid,
+                    r.current_phase,
+                    r.status,
+                )
+                for r in conn.execute(query)
+            }
+
+    def live_slugs(self, project_id: int) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(
+                conn.execute(
+                    select(sessions.c.slug).where(
+                        sessions.c.project_id == project_id, sessions.c.deleted_at.is_(None)
+                    )
+                ).scalars()
+            )
+
+    def write(
+        self,
+        changes: Sequence[tuple[ProjectRef, Change]],
+        known: Mapping[SessionKey, Known],
+        now: datetime | None = None,
+    ) -> WriteResult:
+        """Apply a batch of changes in one transaction; returns counts and committed events."""
+        now = now or datetime.now(UTC)
+        result = WriteResult()
+        if not changes:
+            return result
+        ordered = sorted(changes, key=lambda pc: (pc[0].id, pc[1].key.slug))
+        with self.engine.begin() as conn:
+            ids = self._write_rows(conn, ordered, now, result)
+            events = self._events(ordered, known, ids, now)
+            if events:
+                conn.execute(
+                    session_events.insert(),
+                    [
+                        {
+                            "session_id": session_row,
+                            "at": now,
+                            "kind": kind.value,
+                            "from_value": old,
+                            "to_value": new,
+                            "detail": detail,
+                        }
+                        for session_row, kind, old, new, detail, _ in events
+                    ],
+                )
+                result.events = [stream for *_, stream in events]
+                if self.dialect == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_notify(:channel, :payload)"),
+                        [{"channel": NOTIFY_CHANNEL, "payload": notify_payload(e)} for e in result.events],
+                    )
+        return result
+
+    def _write_rows(
+        self,
+        conn: Connection,
+        ordered: Sequence[tuple[ProjectRef, Change]],
+        now: datetime,
+        result: WriteResult,
+    ) -> dict[SessionKey, int]:
+        valid, invalid, touch, tomb = [], [], [], []
+        for project, change in ordered:
+            base = {"project_id": project.id, "slug": change.key.slug}
+            if change.action is Action.TOMBSTONE:
+                tomb.append({"b_project_id": project.id, "b_slug": change.key.slug, "b_now": now})
+                continue
+            probe = change.probe
+            stat_values = {
+                "state_hash": change.state_hash,
+                "state_size": probe.size if probe else None,
+                "state_mtime_ns": probe.mtime_ns if probe else None,
+                "state_mtime": (
+                    datetime.fromtimestamp(probe.mtime_ns / 1e9, UTC) if probe and probe.mtime_ns else None
+                ),
+                "spec_exists": probe.spec_exists if probe else False,
+                "plan_exists": probe.plan_exists if probe else False,
+            }
+            if change.action is Action.TOUCH:
+                touch.append({f"b_{k}": v for k, v in {**base, **stat_values}.items()})
+            elif change.mapped is None:
+                invalid.append(
+                    {**base, **stat_values, "synced_at": now, "first_seen_at": now, "deleted_at": None,
+                     "invalid": True, "sync_error": change.error, "sync_error_at": now}
+                )
+            else:
+                valid.append(
+                    {**base, **stat_values, **change.mapped.columns(), "raw_state": change.raw_state,
+                     "synced_at": now, "first_seen_at": now, "deleted_at": None, "invalid": False,
+                     "sync_error": change.error, "sync_error_at": now if change.error else None}
+                )
+        paths = {project.id: project.path for project, _ in ordered}
+        ids: dict[SessionKey, int] = {}
+        for rows, columns in ((valid, _MIRRORED + _STAT + _STATUS), (invalid, _STAT + _STATUS)):
+            if not rows:
+                continue
+            stmt = self._insert(sessions)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["project_id", "slug"],
+                set_={c: stmt.excluded[c] for c in columns},
+            ).returning(sessions.c.id, sessions.c.project_id, sessions.c.slug)
+            for row in conn.execute(stmt, rows):
+                ids[SessionKey(paths[row.project_id], row.slug)] = row.id
+        if touch:
+            s = sessions.c
+            conn.execute(
+                update(sessions)
+                .where(s.project_id == bindparam("b_project_id"), s.slug == bindparam("b_slug"))
+                .values({c: bindparam(f"b_{c}") for c in _STAT}),
+                touch,
+            )
+        if tomb:
+            s = sessions.c
+            conn.execute(
+                update(sessions)
+                .where(
+                    s.project_id == bindparam("b_project_id"),
+                    s.slug == bindparam("b_slug"),
+                    s.deleted_at.is_(None),
+                )
+                .values(deleted_at=bindparam("b_now"), synced_at=bindparam("b_now")),
+                tomb,
+            )
+        result.written = len(valid) + len(invalid)
+        result.invalid = len(invalid)
+        result.touched = len(touch)
+        result.tombstoned = len(tomb)
+        return ids
+
+    @staticmethod
+    def _events(
+        ordered: Sequence[tuple[ProjectRef, Change]],
+        known: Mapping[SessionKey, Known],
+        ids: Mapping[SessionKey, int],
+        now: datetime,
+    ) -> list[tuple[int, SessionEventKind, str | None, str | None, dict[str, Any] | None, dict[str, Any]]]:
+        events = []
+        for project, change in ordered:
+            before = known.get(change.key)
+            row_id = ids.get(change.key, before.id if before else None)
+            if row_id is None or change.action is Action.TOUCH:
+                continue
+            for kind, old, new, detail in _event_kinds(change, before):
+                stream = session_event(kind, project.path, change.key.slug, now, old, new, detail)
+                events.append((row_id, kind, old, new, detail, stream))
+        return events
+
+    def purge_tombstones(self, older_than: timedelta, now: datetime | None = None) -> int:
+        """Delete tombstoned rows (and their events) deleted more than `older_than` ago."""
+        cutoff = (now or datetime.now(UTC)) - older_than
+        with self.engine.begin() as conn:
+            doomed = select(sessions.c.id).where(sessions.c.deleted_at < cutoff)
+            conn.execute(delete(session_events).where(session_events.c.session_id.in_(doomed)))
+            return conn.execute(delete(sessions).where(sessions.c.deleted_at < cutoff)).rowcount
+
+    def query_sessions(
+        self,
+        project: str | None = None,
+        phase: str | None = None,
+        status: str | None = None,
+        include_deleted: bool = False,
+    ) -> list[dict[str, Any]]:
+        s, p = sessions.c, projects.c
+        query = (
+            select(
+                p.working_dir.label("project"),
+                s.slug,
+                s.title,
+                s.current_phase,
+                s.status,
+                s.checkpoints_completed,
+                s.checkpoints_total,
+                s.updated_at,
+                s.deleted_at,
+                s.invalid,
+                s.sync_error,
+            )
+            .join(projects, s.project_id == p.id)
+            .order_by(p.working_dir, s.slug)
+        )
+        if project is not None:
+            query = query.where(p.working_dir == project)
+        if phase is not None:
+            query = query.where(s.current_phase == phase)
+        if status is not None:
+            query = query.where(s.status == status)
+        if not include_deleted:
+            query = query.where(s.deleted_at.is_(None))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _event_kinds(
+    change: Change, before: Known | None
+) -> list[tuple[SessionEventKind, str | None, str | None, dict[str, Any] | None]]:
+    """The meaningful changes one write makes, compared with what the row held before."""
+    kind = SessionEventKind
+    if change.action is Action.TOMBSTONE:
+        return [(kind.DELETED, None, None, None)]
+    mapped = change.mapped
+    kinds: list[tuple[SessionEventKind, str | None, str | None, dict[str, Any] | None]] = []
+    if before is None:
+        kinds.append((kind.CREATED, None, mapped.current_phase if mapped else None, None))
+    elif before.deleted:
+        kinds.append((kind.RESTORED, None, None, None))
+    if mapped is None:
+        # Each distinct bad content is written once (its hash is kept), so this fires once per content.
+        return [*kinds, (kind.INVALID, None, None, {"reason": change.error})]
+    if before is not None and not before.deleted:
+        if before.invalid:
+            kinds.append((kind.RECOVERED, None, None, None))
+        if before.current_phase != mapped.current_phase:
+            kinds.append((kind.PHASE_CHANGED, before.current_phase, mapped.current_phase, None))
+        if before.status != mapped.status:
+            kinds.append((kind.STATUS_CHANGED, before.status, mapped.status, None))
+        if not kinds:
+            kinds.append((kind.UPDATED, None, None, {"fields": change.error} if change.error else None))
+    return kinds

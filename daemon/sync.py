@@ -1,0 +1,190 @@
+"""One session: stat, skip, read, hash, parse, map -> the change to write (or nothing).
+
+Pure with respect to the database: it compares the folder with what the store says it last
+mirrored (`Known`) and returns a `Change`. Never writes to the project, never follows a
+symbolic link, never reads past `max_state_bytes`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from sessionsync.models.keys import SessionKey
+from sessionsync.models.state import InvalidStateError, MappedState, decode_document, map_state
+
+STATE_FILE = "state.json"
+SPEC_FILE = "spec.md"
+PLAN_FILE = "plan.json"
+
+# A file modified this recently may change again within the same mtime tick without its
+# (size, mtime) changing ("racy git"); such a stat is not trusted for skipping next time.
+RACY_WINDOW_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the database holds for a session, as far as the skip checks and events need it."""
+
+    id: int
+    state_size: int | None
+    state_mtime_ns: int | None
+    state_hash: str | None
+    spec_exists: bool
+    plan_exists: bool
+    deleted: bool
+    invalid: bool
+    current_phase: str | None
+    status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The cheap facts about a session folder: its state.json stat and which artifacts exist."""
+
+    size: int
+    mtime_ns: int | None  # None: too recent to trust for skipping (see RACY_WINDOW_NS)
+    spec_exists: bool
+    plan_exists: bool
+
+
+class Action(Enum):
+    WRITE = "write"  # content changed (or first seen, restored, turned invalid / valid)
+    TOUCH = "touch"  # stat changed but the content hash is the same: remember the new stat
+    TOMBSTONE = "tombstone"  # the session folder or its state.json is gone
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: SessionKey
+    action: Action
+    probe: Probe | None = None
+    state_hash: str | None = None
+    mapped: MappedState | None = None  # None with WRITE means invalid
+    raw_state: dict[str, Any] | None = None
+    error: str | None = None  # why invalid, or which fields had the wrong type
+
+    @property
+    def invalid(self) -> bool:
+        return self.action is Action.WRITE and self.mapped is None
+
+
+class Verdict(Enum):
+    """Why inspect() returned no change, for reconcile summaries."""
+
+    UNCHANGED = "unchanged"
+    NO_STATE = "no_state"  # folder without state.json, and no live row to tombstone
+    GONE = "gone"  # folder absent, and no live row
+
+
+def session_dir(sessions_dir: str, slug: str) -> str:
+    return os.path.join(sessions_dir, slug)
+
+
+def inspect(
+    key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int
+) -> Change | Verdict:
+    """Decide what one session needs, reading state.json only when its stat says it changed."""
+    folder = session_dir(sessions_dir, key.slug)
+    live = known is not None and not known.deleted
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return Change(key, Action.TOMBSTONE) if live else Verdict.GONE
+    except OSError as exc:
+        return _invalid(key, None, f"cannot read session folder {folder}: {exc.strerror}")
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(folder)
+        return _invalid(key, None, f"session folder is a symbolic link to {target}; links are not followed")
+    if not stat.S_ISDIR(st.st_mode):
+        return Change(key, Action.TOMBSTONE) if live else Verdict.GONE
+
+    state_path = os.path.join(folder, STATE_FILE)
+    try:
+        state_st = os.lstat(state_path)
+    except FileNotFoundError:
+        return Change(key, Action.TOMBSTONE) if live else Verdict.NO_STATE
+    except OSError as exc:
+        return _invalid(key, None, f"cannot stat {state_path}: {exc.strerror}")
+    if stat.S_ISLNK(state_st.st_mode):
+        return _invalid(key, None, "state.json is a symbolic link; links are not followed")
+    if not stat.S_ISREG(state_st.st_mode):
+        return _invalid(key, None, "state.json is not a regular file")
+
+    spec = os.path.exists(os.path.join(folder, SPEC_FILE))
+    plan = os.path.exists(os.path.join(folder, PLAN_FILE))
+    if (
+        live
+        and known is not None
+        and known.state_mtime_ns == state_st.st_mtime_ns
+        and known.state_size == state_st.st_size
+        and (known.spec_exists, known.plan_exists) == (spec, plan)
+    ):
+        return Verdict.UNCHANGED
+
+    try:
+        data, size, mtime_ns = _read_limited(state_path, max_bytes)
+    except OSError as exc:
+        # No probe is kept, so the next event or reconcile tries again.
+        return _invalid(key, None, f"cannot read state.json: {exc.strerror or exc}")
+    probe = Probe(size, _trusted_mtime(mtime_ns), spec, plan)
+    if size > max_bytes:
+        digest = f"oversize:{size}:{mtime_ns}"
+        if live and known is not None and known.state_hash == digest:
+            return Change(key, Action.TOUCH, probe, digest)
+        return _invalid(
+            key, probe, f"state.json is {size} bytes, over max_state_bytes ({max_bytes}); not read", digest
+        )
+
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if (
+        live
+        and known is not None
+        and known.state_hash == digest
+        and (known.spec_exists, known.plan_exists) == (spec, plan)
+    ):
+        return Change(key, Action.TOUCH, probe, digest)
+    try:
+        document = decode_document(data)
+    except InvalidStateError as exc:
+        return _invalid(key, probe, exc.reason, digest)
+    mapped = map_state(document)
+    error = "; ".join(mapped.field_errors) or None
+    return Change(key, Action.WRITE, probe, digest, mapped, document, error)
+
+
+def _invalid(key: SessionKey, probe: Probe | None, reason: str, digest: str | None = None) -> Change:
+    return Change(key, Action.WRITE, probe, digest, None, None, reason)
+
+
+def _read_limited(path: str, max_bytes: int) -> tuple[bytes, int, int]:
+    """Read at most max_bytes + 1 bytes without following a link; stat the open file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "state.json is a symbolic link; links are not followed") from None
+        raise
+    try:
+        chunks = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return b"".join(chunks), max(st.st_size, max_bytes + 1 - remaining), st.st_mtime_ns
+
+
+def _trusted_mtime(mtime_ns: int) -> int | None:
+    return None if time.time_ns() - mtime_ns < RACY_WINDOW_NS else mtime_ns
