@@ -1,0 +1,347 @@
+"""The store and reconcile contract, run against SQLite and PostgreSQL alike: what the rows say
+after real files are reconciled, which events are written, and what bad input gets."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, select
+
+from sessionsync.daemon.db import make_engine
+from sessionsync.daemon.discovery import project_at
+from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
+from sessionsync.daemon.store import Store
+from sessionsync.models.tables import Base, projects, session_events, sessions
+from tests.conftest import fixture_doc, remove_session, write_state
+
+MAX = 1_048_576
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine: Engine) -> Store:
+    return Store(engine)
+
+
+def run(store: Store, *folders: Path) -> ReconcileSummary:
+    refs = register(store, [project_at(str(f), "agents/sessions") for f in folders])
+    return reconcile(store, list(refs.values()), MAX, batch_size=3)
+
+
+def row(engine: Engine, slug: str, project: Path | None = None) -> dict[str, Any]:
+    query = select(sessions).where(sessions.c.slug == slug)
+    if project is not None:
+        query = query.join(projects).where(projects.c.working_dir == str(project))
+    with engine.connect() as conn:
+        return dict(conn.execute(query).one()._mapping)
+
+
+def events(engine: Engine, slug: str | None = None) -> list[str]:
+    query = select(session_events.c.kind).order_by(session_events.c.id)
+    if slug is not None:
+        query = query.join(sessions).where(sessions.c.slug == slug)
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
+def count(engine: Engine, table: Any) -> int:
+    with engine.connect() as conn:
+        return len(conn.execute(select(table)).all())
+
+
+def test_models_and_migrations_agree(engine: Engine) -> None:
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
+
+
+def test_upgrade_twice_is_a_no_op(engine: Engine) -> None:
+    assert upgrade(engine) == ("0001", "0001")
+
+
+def test_examples_mirror_as_the_readme_says(store: Store, engine: Engine, project: Path) -> None:
+    for name in ("v1-build", "v2-build", "v2-complete-quick", "v2-spec"):
+        write_state(project, name, fixture_doc(name))
+    (project / "agents/sessions/v2-build/spec.md").write_text("# spec")
+    summary = run(store, project)
+    assert (summary.seen, summary.totals.written) == (4, 4)
+
+    v1 = row(engine, "v1-build")
+    assert (v1["current_phase"], v1["status"], v1["session_type"], v1["schema_version"]) == (
+        "build",
+        "active",
+        "full",
+        1,
+    )
+    assert (v1["checkpoints_total"], v1["checkpoints_completed"], v1["current_checkpoint"]) == (5, 2, 3)
+    assert v1["checkpoints_completed_list"] == [1, 2]
+    assert [c["checkpoint"] for c in v1["commits"]] == [1, 2]
+    assert v1["phase_history"]["plan_completed_at"] == "2025-12-11T11:00:00+00:00"
+    assert v1["phase_history"]["docs_started_at"] is None
+    assert (v1["git_branch"], v1["git_worktree"], v1["git_base_branch"]) == (None, None, None)
+    assert v1["artifacts"] == {"spec": "spec.md", "plan": "plan.json", "plan_readable": "plan.md"}
+    assert v1["title"] == "Billing CSV export"
+    assert v1["session_id"] == "2025-12-11_billing-export"
+    assert v1["created_at"] == datetime(2025, 12, 11, 8, 0, tzinfo=UTC)
+    assert v1["sync_error"] is None
+    assert not v1["invalid"]
+
+    v2 = row(engine, "v2-build")
+    assert (v2["schema_version"], v2["checkpoints_total"], v2["checkpoints_completed"]) == (2, 6, 4)
+    assert (v2["git_branch"], v2["git_base_branch"]) == ("feature/incremental-index", "main")
+    assert v2["raw_state"]["agent_notes"] == "extra fields like this one must survive in raw_state"
+    assert (v2["spec_exists"], v2["plan_exists"]) == (True, False)
+    assert v2["state_hash"] and v2["state_size"] > 0
+
+    quick = row(engine, "v2-complete-quick")
+    assert (quick["status"], quick["current_phase"], quick["session_type"]) == ("complete", "complete", "quick")
+    assert quick["updated_at"] == datetime(2026, 1, 8, 10, 52, tzinfo=UTC)
+    spec = row(engine, "v2-spec")
+    assert (spec["checkpoints_total"], spec["checkpoints_completed"], spec["checkpoints_completed_list"]) == (
+        0,
+        0,
+        [],
+    )
+    assert events(engine) == ["created"] * 4
+
+
+def test_second_reconcile_with_nothing_changed_writes_nothing(
+    store: Store, engine: Engine, project: Path
+) -> None:
+    write_state(project, "a", fixture_doc("v2-build"))
+    write_state(project, "b", b"{broken")
+    run(store, project)
+    before = (count(engine, session_events), row(engine, "a")["synced_at"], row(engine, "b")["synced_at"])
+    summary = run(store, project)
+    assert (summary.totals.written, summary.totals.tombstoned, summary.totals.events) == (0, 0, [])
+    after = (count(engine, session_events), row(engine, "a")["synced_at"], row(engine, "b")["synced_at"])
+    assert after == before
+
+
+def test_same_slug_in_two_projects_gives_two_rows(store: Store, engine: Engine, tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_state(one, "login", fixture_doc("v2-spec"))
+    write_state(two, "login", fixture_doc("v2-build"))
+    run(store, one, two)
+    assert row(engine, "login", one)["current_phase"] == "spec"
+    assert row(engine, "login", two)["current_phase"] == "build"
+
+
+def test_change_events_follow_the_file(store: Store, engine: Engine, project: Path) -> None:
+    doc = fixture_doc("v2-spec")
+    write_state(project, "s", doc)
+    run(store, project)
+    doc["description"] = "new words"
+    write_state(project, "s", doc)
+    run(store, project)
+    doc["current_phase"] = "plan"
+    write_state(project, "s", doc)
+    run(store, project)
+    doc["status"] = "failed"
+    write_state(project, "s", doc)
+    run(store, project)
+    write_state(project, "s", b"")
+    run(store, project)
+    write_state(project, "s", doc)
+    run(store, project)
+    remove_session(project, "s")
+    run(store, project)
+    assert row(engine, "s")["deleted_at"] is not None
+    write_state(project, "s", doc)
+    run(store, project)
+    assert row(engine, "s")["deleted_at"] is None
+    assert events(engine, "s") == [
+        "created",
+        "updated",
+        "phase_changed",
+        "status_changed",
+        "invalid",
+        "recovered",
+        "deleted",
+        "restored",
+    ]
+
+
+def test_invalid_file_keeps_the_last_good_mirror(store: Store, engine: Engine, project: Path) -> None:
+    write_state(project, "s", fixture_doc("v2-build"))
+    run(store, project)
+    write_state(project, "s", b'{"session_id": "cut off mid-wr')
+    summary = run(store, project)
+    assert summary.totals.invalid == 1
+    r = row(engine, "s")
+    assert r["invalid"]
+    assert "not valid JSON" in r["sync_error"]
+    assert r["current_phase"] == "build" and r["checkpoints_total"] == 6
+    write_state(project, "s", fixture_doc("v2-spec"))
+    run(store, project)
+    r = row(engine, "s")
+    assert (r["invalid"], r["sync_error"], r["current_phase"]) == (False, None, "spec")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "empty"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b'{"a": "x\x00y"}', ""),
+        (b"[]", "list"),
+        (b'"x"', ""),
+        (b"3", ""),
+        (b"[" * 100 + b"]" * 100, ""),
+        (b'{"topic": "\\u0000"}', ""),
+    ],
+)
+def test_unreadable_documents_are_invalid_and_never_hide_others(
+    store: Store, engine: Engine, project: Path, content: bytes, reason: str
+) -> None:
+    write_state(project, "bad", content)
+    write_state(project, "good", fixture_doc("v2-spec"))
+    run(store, project)
+    bad = row(engine, "bad")
+    assert bad["invalid"]
+    assert reason in bad["sync_error"]
+    assert bad["sync_error_at"] is not None
+    assert not row(engine, "good")["invalid"]
+
+
+def test_bom_nan_and_duplicate_keys_are_accepted(store: Store, engine: Engine, project: Path) -> None:
+    write_state(project, "bom", b"\xef\xbb\xbf" + json.dumps(fixture_doc("v2-spec")).encode())
+    write_state(project, "nan", b'{"topic": "t", "topic": "second", "score": NaN, "x": [Infinity]}')
+    run(store, project)
+    assert row(engine, "bom")["current_phase"] == "spec"
+    nan = row(engine, "nan")
+    assert not nan["invalid"]
+    assert nan["title"] == "second"
+    assert nan["raw_state"]["score"] is None and nan["raw_state"]["x"] == [None]
+
+
+def test_wrong_field_type_nulls_only_that_field(store: Store, engine: Engine, project: Path) -> None:
+    doc = fixture_doc("v2-build")
+    doc["build_progress"]["checkpoints_total"] = "lots"
+    doc["commits"] = {}
+    doc["status"] = "pondering"
+    doc["session_id"] = "not-the-folder-name"
+    write_state(project, "s", doc)
+    run(store, project)
+    r = row(engine, "s")
+    assert r["checkpoints_total"] is None and r["commits"] is None
+    assert "checkpoints_total" in r["sync_error"] and "commits" in r["sync_error"]
+    assert not r["invalid"]
+    assert (r["status"], r["current_phase"], r["checkpoints_completed"]) == ("pondering", "build", 4)
+    assert r["session_id"] == "not-the-folder-name" and r["slug"] == "s"
+
+
+def test_oversized_file_is_invalid_and_not_read_past_the_limit(
+    store: Store, engine: Engine, project: Path
+) -> None:
+    doc = fixture_doc("v2-spec")
+    doc["padding"] = "x" * 4096
+    write_state(project, "big", doc)
+    refs = register(store, [project_at(str(project), "agents/sessions")])
+    summary = reconcile(store, list(refs.values()), max_bytes=2048, batch_size=10)
+    assert summary.totals.invalid == 1
+    r = row(engine, "big")
+    assert r["invalid"] and "max_state_bytes (2048)" in r["sync_error"]
+    assert r["raw_state"] is None
+
+
+def test_links_are_never_followed(store: Store, engine: Engine, project: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    write_state(outside, "secret", fixture_doc("v2-build"))
+    sessions_dir = project / "agents" / "sessions"
+    os.symlink(outside / "agents/sessions/secret", sessions_dir / "linked-folder")
+    (sessions_dir / "linked-file").mkdir()
+    os.symlink(outside / "agents/sessions/secret/state.json", sessions_dir / "linked-file/state.json")
+    run(store, project)
+    for slug in ("linked-folder", "linked-file"):
+        r = row(engine, slug)
+        assert r["invalid"] and "symbolic link" in r["sync_error"]
+        assert r["raw_state"] is None and r["title"] is None
+
+
+def test_folder_without_state_json_gets_no_row_and_a_vanished_one_is_tombstoned(
+    store: Store, engine: Engine, project: Path
+) -> None:
+    (project / "agents/sessions/empty").mkdir()
+    write_state(project, "s", fixture_doc("v2-spec"))
+    summary = run(store, project)
+    assert summary.totals.no_state == 1
+    assert count(engine, sessions) == 1
+    (project / "agents/sessions/s/state.json").unlink()
+    assert run(store, project).totals.tombstoned == 1
+    assert row(engine, "s")["deleted_at"] is not None
+
+
+def test_spec_and_plan_presence_follow_the_folder(store: Store, engine: Engine, project: Path) -> None:
+    write_state(project, "s", fixture_doc("v2-spec"))
+    run(store, project)
+    assert (row(engine, "s")["spec_exists"], row(engine, "s")["plan_exists"]) == (False, False)
+    (project / "agents/sessions/s/spec.md").write_text("spec")
+    (project / "agents/sessions/s/plan.json").write_text("{}")
+    assert run(store, project).totals.written == 1
+    assert (row(engine, "s")["spec_exists"], row(engine, "s")["plan_exists"]) == (True, True)
+    (project / "agents/sessions/s/plan.json").unlink()
+    run(store, project)
+    assert row(engine, "s")["plan_exists"] is False
+
+
+def test_concurrent_reconciles_leave_one_row_per_session(db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "p"
+    for i in range(60):
+        write_state(folder, f"s{i:02}", fixture_doc("v2-build"))
+    engines = [make_engine(db_url) for _ in range(2)]
+    upgrade(engines[0])
+    errors: list[BaseException] = []
+
+    def go(engine: Engine) -> None:
+        try:
+            run(Store(engine), folder)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert count(engines[0], sessions) == 60
+    assert count(engines[0], projects) == 1
+    for e in engines:
+        e.dispose()
+
+
+def test_purge_removes_only_old_tombstones(store: Store, engine: Engine, project: Path) -> None:
+    write_state(project, "old", fixture_doc("v2-spec"))
+    write_state(project, "new", fixture_doc("v2-spec"))
+    write_state(project, "live", fixture_doc("v2-spec"))
+    run(store, project)
+    remove_session(project, "old")
+    remove_session(project, "new")
+    run(store, project)
+    with engine.begin() as conn:
+        conn.execute(
+            sessions.update()
+            .where(sessions.c.slug == "old")
+            .values(deleted_at=datetime.now(UTC) - timedelta(days=8))
+        )
+    assert store.purge_tombstones(timedelta(days=7)) == 1
+    with engine.connect() as conn:
+        assert sorted(conn.execute(select(sessions.c.slug)).scalars()) == ["live", "new"]
