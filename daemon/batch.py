@@ -91,7 +91,8 @@ def _write_alone(
     except Exception as exc:
         if is_transient(exc) or not isinstance(exc, sa_exc.SQLAlchemyError):
             raise
-        reason = f"the database refused this state ({type(exc.orig or exc).__name__}: {exc.orig or exc})"
+        cause = getattr(exc, "orig", None) or exc
+        reason = f"the database refused this state ({type(cause).__name__}: {cause})"
         logger.bind(project=project.path, slug=change.key.slug).error(
             "{}/{}: {}", project.path, change.key.slug, reason
         )

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sessionsync.daemon.config import Config, load_config
-from sessionsync.daemon.errors import ProjectNotFound, SessionSyncError
+from sessionsync.daemon.errors import ProjectNotFound, SessionSyncError, UsageError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -118,6 +118,127 @@ def cmd_sessions(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from sessionsync.daemon.service import run_daemon
+
+    return run_daemon(args.config)
+
+
+def _ask(cfg: Config, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    from sessionsync.daemon.control.client import request
+
+    return request(cfg.socket_path(), payload, timeout=timeout)
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    status = _ask(cfg, {"cmd": "status"})
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    db = "ok" if status["database_ok"] else f"DOWN ({status['database'].get('last_error')})"
+    print(
+        f"sessionsync pid {status['pid']}, up {status['uptime_s']} s{'  PAUSED' if status['paused'] else ''}"
+    )
+    print(f"  database      {status['database']['url']}: {db}")
+    print(f"  projects      {status['projects']}, sessions {status['sessions']}, pending {status['pending']}")
+    print(f"  last reconcile {status['last_reconcile_at'] or 'never'}")
+    for watch in status["watch"]:
+        print(f"  watch {watch['state']:<9} {watch['project']}")
+    counters = ", ".join(f"{k} {v}" for k, v in sorted(status["counters"].items()))
+    print(f"  counters      {counters}")
+    for error in status["recent_errors"][-5:]:
+        print(f"  {error['level'].lower():<8} {error['at']}  {error['message']}")
+    return EXIT_OK
+
+
+def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
+    import os
+
+    if bool(args.projects) == bool(args.all):
+        raise UsageError("name one or more project folders, or --all", "e.g. sessionsync resync ~/code/app")
+    payload: dict[str, Any] = {"cmd": "resync", "wait": args.wait}
+    if args.all:
+        payload["all"] = True
+    else:
+        payload["projects"] = [os.path.abspath(p) for p in args.projects]
+    result = _ask(cfg, payload, timeout=630.0 if args.wait else 10.0)
+    if "queued" in result:
+        print("resync queued")
+    else:
+        print(
+            f"resynced {result['projects']} project(s): {result['sessions']} session(s), "
+            f"{result['changed']} changed, in {result['ms']} ms"
+        )
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
+    import os
+
+    result = _ask(cfg, {"cmd": "sync", "path": os.path.abspath(args.session_dir)})
+    state = "written" if result["written"] else "invalid" if result["invalid"] else "unchanged"
+    print(f"{result['project']}/{result['slug']}: {state}")
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace, cfg: Config) -> int:
+    result = _ask(cfg, {"cmd": "pause"})
+    print(f"paused: database writes held, {result['pending']} session(s) pending")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace, cfg: Config) -> int:
+    result = _ask(cfg, {"cmd": "resume"})
+    print(f"resumed: writing {result['pending']} pending session(s)")
+    return EXIT_OK
+
+
+def cmd_errors(args: argparse.Namespace, cfg: Config) -> int:
+    rows = _ask(cfg, {"cmd": "errors"})["errors"]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return EXIT_OK
+    if not rows:
+        print("no invalid sessions")
+    for row in rows:
+        print(f"{row['project']}/{row['slug']}: {row['sync_error']}")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
+    from sessionsync.daemon.control.client import stream
+
+    for event in stream(cfg.socket_path(), {"cmd": "subscribe"}):
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            print(_event_line(event), flush=True)
+        if event.get("kind") == "lagged":
+            print("sessionsync: this watcher fell behind and was dropped; run it again", file=sys.stderr)
+            return EXIT_FAILURE
+    print("sessionsync: the daemon closed the stream", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    where = f"{event['project']}/{event['slug']}" if "slug" in event else event.get("project", "")
+    change = f" {event['from']} -> {event['to']}" if "from" in event else ""
+    reason = f" ({event['reason']})" if "reason" in event else ""
+    return f"{event.get('at', '')}  {event['kind']:<22} {where}{change}{reason}".rstrip()
+
+
+def cmd_install_unit(args: argparse.Namespace, cfg: Config) -> int:
+    from sessionsync.daemon.unit import install_unit
+
+    path, commands = install_unit("system" if args.system else "user")
+    print(f"wrote {path}")
+    print("now run:")
+    for command in commands:
+        print(f"  {command}")
+    return EXIT_OK
+
+
 def _is_dir(path: str) -> bool:
     import os
 
@@ -129,8 +250,50 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sessionsync", description="Mirror agent session folders into a SQL database."
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (default: lookup order in README)")
+    # SUPPRESS: without it a nested subparser (`db --config X upgrade`) resets config to None.
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (default: lookup order in README)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", parents=[common], help="the running daemon's state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("resync", parents=[common], help="ask the daemon to rescan projects")
+    p.add_argument("projects", nargs="*", metavar="PROJECT")
+    p.add_argument("--all", action="store_true", help="rediscover and reconcile every project")
+    p.add_argument("--wait", action="store_true", help="reply after the changes are committed")
+    p.set_defaults(func=cmd_resync)
+
+    p = sub.add_parser("sync", parents=[common], help="ask the daemon to sync one session now")
+    p.add_argument("session_dir", metavar="SESSION_DIR")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("watch", parents=[common], help="follow the change-event stream")
+    p.add_argument("--json", action="store_true", help="one JSON event per line")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("pause", parents=[common], help="hold database writes (changes stay queued)")
+    p.set_defaults(func=cmd_pause)
+    p = sub.add_parser("resume", parents=[common], help="let held writes go")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("errors", parents=[common], help="sessions whose state.json is invalid, and why")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_errors)
+
+    p = sub.add_parser("install-unit", parents=[common], help="write the systemd unit for this install")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--user", action="store_true", help="a user unit (default)")
+    kind.add_argument("--system", action="store_true", help="the system template sessionsync@USER")
+    p.set_defaults(func=cmd_install_unit)
 
     p = sub.add_parser("reconcile", parents=[common], help="one full reconcile, no daemon needed")
     p.add_argument("projects", nargs="*", metavar="PROJECT", help="project folders (default: discover)")
@@ -165,7 +328,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
         return int(exc.code or 0)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(getattr(args, "config", None))
         func: Command = args.func
         return func(args, cfg)
     except SessionSyncError as exc:
@@ -173,5 +336,3 @@ def run(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-
-

@@ -42,7 +42,7 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
         )
     raise ConfigError(
         f"[database] url uses {backend!r}; sessionsync supports sqlite and postgresql",
-        "e.g. url = \"postgresql+psycopg://me@localhost/sessions\", or leave it empty for SQLite",
+        'e.g. url = "postgresql+psycopg://me@localhost/sessions", or leave it empty for SQLite',
     )
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-
-from loguru import logger
 
 from sessionsync.daemon.batch import BatchResult, sync_batch
 from sessionsync.daemon.discovery import ProjectPath
@@ -78,26 +77,36 @@ def register(store: Store, found: Iterable[ProjectPath]) -> dict[str, ProjectRef
     return refs
 
 
+Claim = Callable[[Sequence[SessionKey]], AbstractContextManager[object]]
+
+
 def reconcile(
     store: Store,
     projects: Sequence[ProjectRef],
     max_bytes: int,
     batch_size: int,
+    claim: Claim | None = None,
+    on_batch: Callable[[BatchResult], None] | None = None,
 ) -> ReconcileSummary:
-    """One full pass over `projects`; marks each project reconciled once its batches commit."""
+    """One full pass over `projects`; marks each project reconciled once its batches commit.
+
+    `claim` (the daemon's work queue) holds each batch's keys so no worker writes them at the
+    same time; `on_batch` sees each committed batch (the daemon publishes its events)."""
     started = time.perf_counter()
     summary = ReconcileSummary(projects=len(projects))
     refs = {p.path: p for p in projects}
+    hold = claim or (lambda _keys: nullcontext())
     for project in projects:
-        known_rows = store.known(project.id)
         on_disk = list_slugs(project.sessions_dir)
         summary.seen += len(on_disk)
-        slugs = sorted(set(on_disk) | {s for s, k in known_rows.items() if not k.deleted})
+        slugs = sorted(set(on_disk) | store.live_slugs(project.id))
         for i in range(0, len(slugs), batch_size):
             keys = [SessionKey(project.path, s) for s in slugs[i : i + batch_size]]
-            known = {k: known_rows[k.slug] for k in keys if k.slug in known_rows}
-            summary.totals.add(sync_batch(store, refs, keys, max_bytes, known))
+            with hold(keys):
+                result = sync_batch(store, refs, keys, max_bytes)
+            summary.totals.add(result)
+            if on_batch is not None:
+                on_batch(result)
     store.mark_reconciled([p.id for p in projects], datetime.now(UTC))
     summary.seconds = time.perf_counter() - started
-    logger.info(summary.line())
     return summary

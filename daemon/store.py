@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
+from sessionsync.daemon.sync import Action, Change, Known
 from sessionsync.models.events import (
     NOTIFY_CHANNEL,
     SessionEventKind,
@@ -25,7 +26,6 @@ from sessionsync.models.events import (
 )
 from sessionsync.models.keys import SessionKey
 from sessionsync.models.tables import projects, session_events, sessions
-from sessionsync.daemon.sync import Action, Change, Known
 
 _MIRRORED = (
     "session_id",
@@ -131,7 +131,9 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(
-                    func.count(), func.count(projects.c.last_reconciled_at), func.min(projects.c.last_reconciled_at)
+                    func.count(),
+                    func.count(projects.c.last_reconciled_at),
+                    func.min(projects.c.last_reconciled_at),
                 ).where(projects.c.host == self.host)
             ).one()
         total, reconciled, oldest = row
@@ -175,6 +177,28 @@ class Store:
                 )
                 for r in conn.execute(query)
             }
+
+    def count_live_sessions(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(sessions.join(projects))
+                    .where(projects.c.host == self.host, sessions.c.deleted_at.is_(None))
+                ).scalar_one()
+            )
+
+    def invalid_sessions(self) -> list[dict[str, Any]]:
+        """Live sessions whose state.json could not be read, with the reason."""
+        s, p = sessions.c, projects.c
+        query = (
+            select(p.working_dir.label("project"), s.slug, s.sync_error, s.sync_error_at)
+            .join(projects, s.project_id == p.id)
+            .where(p.host == self.host, s.invalid.is_(True), s.deleted_at.is_(None))
+            .order_by(p.working_dir, s.slug)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def live_slugs(self, project_id: int) -> set[str]:
         with self.engine.connect() as conn:
@@ -252,26 +276,43 @@ class Store:
                 touch.append({f"b_{k}": v for k, v in {**base, **stat_values}.items()})
             elif change.mapped is None:
                 invalid.append(
-                    {**base, **stat_values, "synced_at": now, "first_seen_at": now, "deleted_at": None,
-                     "invalid": True, "sync_error": change.error, "sync_error_at": now}
+                    {
+                        **base,
+                        **stat_values,
+                        "synced_at": now,
+                        "first_seen_at": now,
+                        "deleted_at": None,
+                        "invalid": True,
+                        "sync_error": change.error,
+                        "sync_error_at": now,
+                    }
                 )
             else:
                 valid.append(
-                    {**base, **stat_values, **change.mapped.columns(), "raw_state": change.raw_state,
-                     "synced_at": now, "first_seen_at": now, "deleted_at": None, "invalid": False,
-                     "sync_error": change.error, "sync_error_at": now if change.error else None}
+                    {
+                        **base,
+                        **stat_values,
+                        **change.mapped.columns(),
+                        "raw_state": change.raw_state,
+                        "synced_at": now,
+                        "first_seen_at": now,
+                        "deleted_at": None,
+                        "invalid": False,
+                        "sync_error": change.error,
+                        "sync_error_at": now if change.error else None,
+                    }
                 )
         paths = {project.id: project.path for project, _ in ordered}
         ids: dict[SessionKey, int] = {}
         for rows, columns in ((valid, _MIRRORED + _STAT + _STATUS), (invalid, _STAT + _STATUS)):
             if not rows:
                 continue
-            stmt = self._insert(sessions)
-            stmt = stmt.on_conflict_do_update(
+            insert = self._insert(sessions)
+            upsert = insert.on_conflict_do_update(
                 index_elements=["project_id", "slug"],
-                set_={c: stmt.excluded[c] for c in columns},
+                set_={c: insert.excluded[c] for c in columns},
             ).returning(sessions.c.id, sessions.c.project_id, sessions.c.slug)
-            for row in conn.execute(stmt, rows):
+            for row in conn.execute(upsert, rows):
                 ids[SessionKey(paths[row.project_id], row.slug)] = row.id
         if touch:
             s = sessions.c

@@ -87,9 +87,7 @@ def session_dir(sessions_dir: str, slug: str) -> str:
     return os.path.join(sessions_dir, slug)
 
 
-def inspect(
-    key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int
-) -> Change | Verdict:
+def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int) -> Change | Verdict:
     """Decide what one session needs, reading state.json only when its stat says it changed."""
     folder = session_dir(sessions_dir, key.slug)
     live = known is not None and not known.deleted

@@ -60,6 +60,6 @@ def notify_payload(event: dict[str, Any]) -> str:
     payload = json.dumps(event, separators=(",", ":"), default=str)
     if len(payload.encode()) <= NOTIFY_LIMIT:
         return payload
-    core = {k: event[k] for k in ("kind", "project", "slug", "at") if k in event}
+    core: dict[str, Any] = {k: event[k] for k in ("kind", "project", "slug", "at") if k in event}
     core["truncated"] = True
     return json.dumps(core, separators=(",", ":"), default=str)[:NOTIFY_LIMIT]

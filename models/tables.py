@@ -7,7 +7,7 @@ JSON columns are JSONB on PostgreSQL. Times are stored in UTC and come back time
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -142,6 +143,6 @@ class SessionEvent(Base):
     detail: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
 
 
-projects = Project.__table__
-sessions = Session.__table__
-session_events = SessionEvent.__table__
+projects = cast(Table, Project.__table__)
+sessions = cast(Table, Session.__table__)
+session_events = cast(Table, SessionEvent.__table__)

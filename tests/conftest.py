@@ -123,8 +123,8 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Iterator[Path]:
+def project(tmp_path: Path) -> Path:
     """An empty project folder with its agents/sessions folder."""
     path = tmp_path / "proj"
     (path / "agents" / "sessions").mkdir(parents=True)
-    yield path.resolve()
+    return path.resolve()

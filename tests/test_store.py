@@ -111,7 +111,11 @@ def test_examples_mirror_as_the_readme_says(store: Store, engine: Engine, projec
     assert v2["state_hash"] and v2["state_size"] > 0
 
     quick = row(engine, "v2-complete-quick")
-    assert (quick["status"], quick["current_phase"], quick["session_type"]) == ("complete", "complete", "quick")
+    assert (quick["status"], quick["current_phase"], quick["session_type"]) == (
+        "complete",
+        "complete",
+        "quick",
+    )
     assert quick["updated_at"] == datetime(2026, 1, 8, 10, 52, tzinfo=UTC)
     spec = row(engine, "v2-spec")
     assert (spec["checkpoints_total"], spec["checkpoints_completed"], spec["checkpoints_completed_list"]) == (

@@ -1,0 +1,581 @@
+"""The daemon: wires the parts, starts them in order and stops them in reverse.
+
+Start: database (migrated), single-instance lock, control socket, discovery, workers,
+debouncer, watcher, then the startup reconcile (the watcher is already collecting, so nothing
+written during the reconcile is missed), READY=1, the schedule and the watchdog pings.
+Stop (SIGTERM/SIGINT): stop the schedule and the watcher, flush pending keys, drain the queue
+within a time limit, stop the control socket, close the database, one summary line.
+Signal handlers only set flags; the main thread does the work.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from loguru import logger
+
+from sessionsync.daemon.batch import BatchResult, sync_batch
+from sessionsync.daemon.config import Config, load_config
+from sessionsync.daemon.db import make_engine
+from sessionsync.daemon.debounce import Debouncer, DebounceThread
+from sessionsync.daemon.discovery import ProjectPath, discover
+from sessionsync.daemon.errors import AlreadyRunning, ConfigError, SessionSyncError
+from sessionsync.daemon.hub import EventHub
+from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
+from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
+from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
+from sessionsync.daemon.store import ProjectRef, Store, is_transient
+from sessionsync.daemon.systemd import Notifier, WatchdogPinger
+from sessionsync.daemon.watcher import SessionWatcher
+from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
+from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
+from sessionsync.models.keys import SessionKey
+
+DRAIN_TIMEOUT_S = 30.0
+RETRY_BACKOFF_S = (1.0, 30.0)
+# Test seam: a worker that meets this slug blocks, so a test can see WATCHDOG=1 stop.
+WEDGE_ENV = "SESSIONSYNC_TEST_WEDGE_SLUG"
+
+
+class Registry:
+    """The projects being mirrored, by absolute path; replaced whole on discovery."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: dict[str, ProjectRef] = {}
+
+    def refs(self) -> dict[str, ProjectRef]:
+        with self._lock:
+            return dict(self._refs)
+
+    def add(self, refs: Mapping[str, ProjectRef]) -> None:
+        with self._lock:
+            self._refs.update(refs)
+
+    def remove(self, paths: Sequence[str]) -> None:
+        with self._lock:
+            for path in paths:
+                self._refs.pop(path, None)
+
+
+@dataclass
+class ResyncRequest:
+    """A queued reconcile: some projects (None: all), why, and a completion for waiters."""
+
+    projects: set[str] | None
+    reason: str
+    forget: set[str] = field(default_factory=set)  # vanished projects, dropped once tombstoned
+    done: threading.Event = field(default_factory=threading.Event)
+    summary: ReconcileSummary | None = None
+    error: str = ""
+
+    def merge(self, projects: set[str] | None, forget: set[str]) -> None:
+        self.forget |= forget
+        if self.projects is None or projects is None:
+            self.projects = None
+        else:
+            self.projects |= projects
+
+
+class Service:
+    """The running daemon. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
+
+    def __init__(self, cfg: Config, config_arg: str | None, env: Mapping[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self._config_arg = config_arg
+        self._env = dict(os.environ if env is None else env)
+        self.started_at = time.time()
+        self.notifier = Notifier(self._env)
+        self.engine = make_engine(cfg.database_url(self._env))
+        self.store = Store(self.engine)
+        self.hub = EventHub()
+        self.queue = WorkQueue()
+        self.health = DatabaseHealth()
+        self.registry = Registry()
+        self.explicit: set[str] = set()
+        self.counters: dict[str, int] = {
+            "resyncs": 0,
+            "reconciles": 0,
+            "reconcile_failures": 0,
+            "events_published": 0,
+            "discoveries": 0,
+        }
+        self.recent_errors: deque[dict[str, str]] = deque(maxlen=20)
+        self._error_sink = logger.add(self._remember, level="WARNING", format="{message}")
+        self.last_reconcile_at: datetime | None = None
+        self.live_sessions = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._reload = threading.Event()
+        self._sigints = 0
+        self._resyncs: list[ResyncRequest] = []
+        self._resync_cond = threading.Condition()
+        self._lock_fd: int | None = None
+        self._wedge = self._env.get(WEDGE_ENV, "")
+        self.workers = Workers(
+            self.queue,
+            self._process,
+            self._publish,
+            cfg.workers.threads,
+            cfg.workers.batch_size,
+            self.health,
+        )
+        self.debouncer: Debouncer[SessionKey] = Debouncer(
+            cfg.watch.debounce_ms / 1000, cfg.watch.max_delay_ms / 1000
+        )
+        self.debounce = DebounceThread(self.debouncer, self.queue.submit)
+        self.watcher = SessionWatcher(on_key=self.debounce.touch, on_resync=self._resync_soon)
+        self.schedule = Schedule(nightly=self._nightly, discover=self.rediscover)
+        self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
+        self.socket_path = cfg.socket_path(self._env)
+        self.control: Any = None
+        self.pinger: WatchdogPinger | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        previous = self._install_signals()
+        started = time.monotonic()
+        try:
+            if not self._wait_for_database():
+                return 0
+            self._take_lock()
+            self._start_control()
+            self._refresh_projects(initial=True)
+            self.workers.start()
+            self.debounce.start()
+            self.watcher.start()
+            for ref in self.registry.refs().values():
+                self.watcher.watch(ref.path, ref.sessions_dir)
+            self._reconciler.start()
+            self._startup_reconcile()
+            if self._stop.is_set():
+                return self._shutdown(started)
+            logger.info(
+                "sessionsync started: {} project(s), {} session(s), database {}, in {:.2f} s",
+                len(self.registry.refs()),
+                self.live_sessions,
+                self.database_label,
+                time.monotonic() - started,
+            )
+            self.notifier.ready(self.status_line())
+            self.schedule.start(
+                self.cfg.schedule.reconcile_cron,
+                self.cfg.schedule.timezone,
+                self.cfg.schedule.discover_interval_s,
+            )
+            interval = self.notifier.watchdog_interval()
+            if interval:
+                self.pinger = WatchdogPinger(self.notifier, interval, self.healthy)
+                self.pinger.start()
+            self._main_loop()
+            return self._shutdown(started)
+        finally:
+            self._restore_signals(previous)
+
+    def _main_loop(self) -> None:
+        last_status = ""
+        while not self._stop.is_set():
+            self._wake.wait(5.0)
+            self._wake.clear()
+            if self._reload.is_set():
+                self._reload.clear()
+                self._apply_reload()
+            line = self.status_line()
+            if line != last_status:
+                self.notifier.status(line)
+                last_status = line
+
+    def _shutdown(self, started: float) -> int:
+        self.notifier.stopping()
+        logger.info("stopping: draining {} pending session(s)", self.queue.pending() + len(self.debouncer))
+        if self.pinger is not None:
+            self.pinger.stop()
+        self.schedule.stop()
+        self.watcher.stop()
+        self.debounce.stop(flush=True)
+        with self._resync_cond:
+            self._resync_cond.notify_all()
+        drained = self.queue.join(DRAIN_TIMEOUT_S) if not self.queue.paused else False
+        left = self.queue.pending() + self.queue.busy()
+        self.workers.stop(timeout=5.0)
+        if self.control is not None:
+            self.control.stop()
+        self.engine.dispose()
+        self._release_lock()
+        logger.remove(self._error_sink)
+        if not drained and left:
+            logger.warning(
+                "stopped with {} session(s) not written (database down or paused); "
+                "the next start-up reconcile picks them up",
+                left,
+            )
+        logger.info(
+            "sessionsync stopped after {:.0f} s: {} batch(es), {} row(s) written",
+            time.monotonic() - started,
+            self.workers.batches,
+            self.workers.written,
+        )
+        return 0
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        for sig, handler in (
+            (signal.SIGTERM, self._on_term),
+            (signal.SIGINT, self._on_int),
+            (signal.SIGHUP, self._on_hup),
+        ):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: Mapping[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_term(self, _sig: int, _frame: FrameType | None) -> None:
+        self.request_stop()
+
+    def _on_int(self, _sig: int, _frame: FrameType | None) -> None:
+        self._sigints += 1
+        if self._sigints > 1:
+            os._exit(130)  # a second Ctrl-C: the user wants out now
+        self.request_stop()
+
+    def _on_hup(self, _sig: int, _frame: FrameType | None) -> None:
+        self._reload.set()
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # -- database and lock --------------------------------------------------------------------
+
+    def _wait_for_database(self) -> bool:
+        """Migrate (or just connect); while the database is unreachable, wait with backoff."""
+        delay = RETRY_BACKOFF_S[0]
+        while not self._stop.is_set():
+            try:
+                if self.cfg.database.auto_migrate:
+                    before, after = upgrade(self.engine)
+                    if before != after:
+                        logger.info("database schema upgraded from {} to {}", before or "empty", after)
+                else:
+                    self.store.known_projects()
+                self.health.succeeded()
+                return True
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.health.failed(exc, 0)
+                self.notifier.status(f"waiting for the database: {self.health.last_error}")
+                self._stop.wait(delay)
+                delay = min(RETRY_BACKOFF_S[1], delay * 2)
+        return False
+
+    def _take_lock(self) -> None:
+        """One daemon per database on this machine: a lock file named after the database."""
+        identity = mask_secrets(self.cfg.database_url(self._env)).encode()
+        folder = self.socket_path.parent
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = folder / f"daemon-{hashlib.sha256(identity).hexdigest()[:12]}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"another sessionsync daemon (pid {holder}) is already running on this database",
+                f"stop it first (lock file {path})",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _start_control(self) -> None:
+        from sessionsync.daemon.control.handlers import build_handlers
+        from sessionsync.daemon.control.server import ControlServer
+
+        self.control = ControlServer(self.socket_path, build_handlers(self), self.hub)
+        self.control.start()
+
+    # -- projects ---------------------------------------------------------------------------
+
+    def _discovered(self) -> list[ProjectPath]:
+        w = self.cfg.watch
+        found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
+        self.explicit = {p.path for p in found if p.path in {os.path.realpath(x) for x in w.projects}}
+        return found
+
+    def _refresh_projects(self, initial: bool = False) -> None:
+        """Discover; register and watch new projects, unwatch and tombstone vanished ones."""
+        found = self._discovered()
+        current = self.registry.refs()
+        new = [p for p in found if p.path not in current]
+        gone = [path for path in current if path not in {p.path for p in found}]
+        if new:
+            refs = register(self.store, new)
+            self.registry.add(refs)
+            if not initial:
+                for ref in refs.values():
+                    self.watcher.watch(ref.path, ref.sessions_dir)
+                    logger.info("new project {}: watching and reconciling", ref.path)
+                self.request_resync(set(refs), "new project")
+        if gone:
+            for path in gone:
+                self.watcher.unwatch(path)
+                logger.info("project {} is gone: unwatching and tombstoning its sessions", path)
+            # Reconciling a project whose folder vanished tombstones every session it had.
+            self.request_resync(set(gone), "project vanished", forget=set(gone))
+        self.counters["discoveries"] += 1
+
+    def rediscover(self) -> None:
+        """Discovery now (schedule, SIGHUP, `resync --all`); a database outage only postpones it."""
+        try:
+            self._refresh_projects()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self.health.failed(exc, self.queue.pending())
+
+    # -- reconcile ----------------------------------------------------------------------------
+
+    def request_resync(
+        self, projects: set[str] | str | None, reason: str, forget: set[str] | None = None
+    ) -> ResyncRequest:
+        """Queue a reconcile of these projects (None: all); merged with one not yet started."""
+        wanted = {projects} if isinstance(projects, str) else projects
+        with self._resync_cond:
+            for queued in self._resyncs:
+                queued.merge(wanted, forget or set())
+                if reason not in queued.reason:
+                    queued.reason = f"{queued.reason}, {reason}"
+                return queued
+            request = ResyncRequest(None if wanted is None else set(wanted), reason, set(forget or ()))
+            self._resyncs.append(request)
+            self._resync_cond.notify_all()
+            return request
+
+    def _resync_soon(self, project: str, reason: str) -> None:
+        self.request_resync(project, reason)
+
+    def _reconcile_loop(self) -> None:
+        delay = RETRY_BACKOFF_S[0]
+        while not self._stop.is_set():
+            with self._resync_cond:
+                self._resync_cond.wait_for(
+                    lambda: self._stop.is_set() or (self._resyncs and not self.queue.paused), timeout=5.0
+                )
+                if self._stop.is_set() or not self._resyncs or self.queue.paused:
+                    continue
+                request = self._resyncs.pop(0)
+            try:
+                request.summary = self._run_reconcile(request)
+                delay = RETRY_BACKOFF_S[0]
+            except Exception as exc:
+                self.counters["reconcile_failures"] += 1
+                request.error = mask_secrets(str(getattr(exc, "orig", None) or exc))
+                if not is_transient(exc):
+                    logger.opt(exception=exc).error("reconcile ({}) failed", request.reason)
+                else:
+                    self.health.failed(exc, self.queue.pending())
+                # Owed until it succeeds: try again after a pause, merged with anything newer.
+                self._stop.wait(delay)
+                delay = min(RETRY_BACKOFF_S[1], delay * 2)
+                self.request_resync(request.projects, request.reason, request.forget)
+            finally:
+                request.done.set()
+
+    def _run_reconcile(self, request: ResyncRequest) -> ReconcileSummary:
+        refs = self.registry.refs()
+        chosen = [
+            r for path, r in sorted(refs.items()) if request.projects is None or path in request.projects
+        ]
+        summary = reconcile(
+            self.store,
+            chosen,
+            self.cfg.watch.max_state_bytes,
+            self.cfg.workers.batch_size,
+            claim=self.queue.claim,
+            on_batch=self._published_batch,
+        )
+        self.health.succeeded()
+        self.registry.remove(sorted(request.forget))
+        self.counters["reconciles" if request.projects is None else "resyncs"] += 1
+        now = datetime.now(UTC)
+        logger.info("{} ({})", summary.line(), request.reason)
+        events: list[dict[str, Any]] = [
+            {"kind": PROJECT_RESYNCED, "project": r.path, "at": now.isoformat(), "reason": request.reason}
+            for r in chosen
+        ]
+        if request.projects is None:
+            self.last_reconcile_at = now
+            events.append({"kind": RECONCILE_FINISHED, "at": now.isoformat(), **summary.as_dict()})
+        self._publish(events)
+        self._count_sessions()
+        return summary
+
+    def _startup_reconcile(self) -> None:
+        s = self.cfg.schedule
+        last = self.store.last_full_reconcile()
+        self.last_reconcile_at = last
+        overdue = is_overdue(s.reconcile_cron, zone(s.timezone), last, datetime.now(zone(s.timezone)))
+        if not (s.reconcile_on_start or overdue):
+            self._count_sessions()
+            return
+        request = self.request_resync(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
+        while not request.done.wait(5.0) and not self._stop.is_set():
+            self.notifier.extend_timeout(30.0)  # a long first reconcile must not time the start out
+
+    def _nightly(self) -> None:
+        request = self.request_resync(None, "nightly")
+        request.done.wait()
+        if request.summary is not None:
+            days = self.cfg.retention.tombstone_days
+            try:
+                purged = self.store.purge_tombstones(timedelta(days=days))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.health.failed(exc, self.queue.pending())
+                return
+            if purged:
+                logger.info("purged {} tombstone(s) older than {} day(s)", purged, days)
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def _process(self, keys: Sequence[SessionKey]) -> BatchResult:
+        if self._wedge and any(k.slug == self._wedge for k in keys):
+            logger.warning("test hook: wedging a worker on {}", self._wedge)
+            threading.Event().wait()
+        return sync_batch(self.store, self.registry.refs(), keys, self.cfg.watch.max_state_bytes)
+
+    def _published_batch(self, result: BatchResult) -> None:
+        if result.events:
+            self._publish(result.events)
+
+    def _publish(self, events: list[dict[str, Any]]) -> None:
+        self.hub.publish_many(events)
+        self.counters["events_published"] += len(events)
+
+    def sync_now(self, key: SessionKey) -> BatchResult:
+        """Sync one session immediately (the control `sync` command), as its only writer."""
+        with self.queue.claim([key]):
+            result = sync_batch(self.store, self.registry.refs(), [key], self.cfg.watch.max_state_bytes)
+        self._published_batch(result)
+        return result
+
+    def _count_sessions(self) -> None:
+        try:
+            self.live_sessions = self.store.count_live_sessions()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+
+    # -- health and status --------------------------------------------------------------------
+
+    def uptime(self) -> float:
+        return time.time() - self.started_at
+
+    @property
+    def database_label(self) -> str:
+        return mask_secrets(self.cfg.database_url(self._env))
+
+    def wake_reconciler(self) -> None:
+        with self._resync_cond:
+            self._resync_cond.notify_all()
+
+    def _remember(self, message: Any) -> None:
+        record = message.record
+        self.recent_errors.append(
+            {"at": record["time"].isoformat(), "level": record["level"].name, "message": record["message"]}
+        )
+
+    def healthy(self) -> bool:
+        """Alive and making progress: what WATCHDOG=1 vouches for."""
+        stalled = time.monotonic() - self.workers.last_progress > 60.0
+        return (
+            self.watcher.is_alive()
+            and self.workers.alive()
+            and self.debounce.is_alive()
+            and self._reconciler.is_alive()
+            and not stalled
+        )
+
+    def status_line(self) -> str:
+        db = "ok" if self.health.ok else "DOWN"
+        paused = ", PAUSED" if self.queue.paused else ""
+        return (
+            f"{len(self.registry.refs())} project(s), {self.live_sessions} session(s), "
+            f"{self.queue.pending() + len(self.debouncer)} pending, database {db}{paused}"
+        )
+
+    # -- reload -------------------------------------------------------------------------------
+
+    def _apply_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self._config_arg, self._env)
+        except ConfigError as exc:
+            logger.error("configuration reload refused, keeping the running one: {}", exc)
+            self.notifier.ready(self.status_line())
+            return
+        old, self.cfg = self.cfg, new
+        setup_logging(new.log.level, new.log.format, new.log.file, self._env)
+        set_level(new.log.level)
+        self.debouncer.set_timing(new.watch.debounce_ms / 1000, new.watch.max_delay_ms / 1000)
+        self.workers.set_batch_size(new.workers.batch_size)
+        self.schedule.reschedule(
+            new.schedule.reconcile_cron, new.schedule.timezone, new.schedule.discover_interval_s
+        )
+        needs_restart = [
+            name
+            for name, a, b in (
+                ("[database] url", old.database_url(self._env), new.database_url(self._env)),
+                ("[workers] threads", old.workers.threads, new.workers.threads),
+                ("[control] socket", old.control.socket, new.control.socket),
+            )
+            if a != b
+        ]
+        if needs_restart:
+            logger.warning("{} changed: takes effect at the next restart", ", ".join(needs_restart))
+        self.rediscover()
+        logger.info("configuration reloaded from {}", new.source or "built-in defaults")
+        self.notifier.ready(self.status_line())
+
+
+def run_daemon(config_arg: str | None) -> int:
+    """`sessionsync run`: load the config, set up logging, run until stopped."""
+    cfg = load_config(config_arg)
+    setup_logging(cfg.log.level, cfg.log.format, cfg.log.file)
+    try:
+        return Service(cfg, config_arg).run()
+    except SessionSyncError:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            from sessionsync.daemon.errors import DatabaseUnavailable
+
+            raise DatabaseUnavailable(f"database error: {mask_secrets(str(exc))}") from None
+        raise
