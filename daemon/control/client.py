@@ -1,0 +1,123 @@
+"""The control-socket client used by the CLI (`sessionsync status`, `resync`, `watch`, ...).
+
+It imports only the standard library (and the stdlib-only error tree and framing) so that a
+command answered by the daemon starts in milliseconds: no pydantic, SQLAlchemy or psycopg here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from io import BufferedReader
+from pathlib import Path
+from typing import Any
+
+from sessionsync.daemon.control.protocol import (
+    MAX_LINE,
+    ProtocolError,
+    encode_request,
+    parse_reply,
+    read_line,
+)
+from sessionsync.daemon.errors import ConfigError, DaemonNotRunning, OperationalError
+
+SOCKET_NAME = "control.sock"
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """The socket path when `control.socket` is empty.
+
+    `$RUNTIME_DIRECTORY/control.sock` under systemd (RuntimeDirectory=sessionsync), else
+    `$XDG_RUNTIME_DIR/sessionsync/control.sock`. Never a shared folder such as /tmp: without
+    either variable this is a ConfigError.
+    """
+    env = os.environ if env is None else env
+    # systemd joins several RuntimeDirectory= entries with ':'; ours is the first. A relative
+    # value is ignored, as the XDG base directory specification asks.
+    runtime_dir = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if os.path.isabs(runtime_dir):
+        return Path(runtime_dir) / SOCKET_NAME
+    xdg_runtime_dir = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg_runtime_dir):
+        return Path(xdg_runtime_dir) / "sessionsync" / SOCKET_NAME
+    raise ConfigError(
+        "cannot choose a control socket path: neither RUNTIME_DIRECTORY nor XDG_RUNTIME_DIR is set",
+        hint="set control.socket in the config (or SESSIONSYNC_CONTROL__SOCKET), or set XDG_RUNTIME_DIR",
+    )
+
+
+def request(path: Path, payload: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request and return its result; an error reply raises ControlError(code, message).
+
+    Raises DaemonNotRunning when nothing listens on `path`, OperationalError when the daemon
+    does not answer within `timeout` seconds or answers something that is not a reply.
+    """
+    with _connect(path, payload, timeout) as sock, sock.makefile("rb") as reader:
+        return _read_reply(path, reader, timeout)
+
+
+def stream(path: Path, payload: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """For `subscribe`: yield each event until the daemon hangs up, a `{"kind": "lagged"}` one too.
+
+    The request itself must be answered within 10 s, with the errors of `request`; after that
+    the stream waits as long as it takes for the next event.
+    """
+    with _connect(path, payload, 10.0) as sock, sock.makefile("rb") as reader:
+        _read_reply(path, reader, 10.0)
+        sock.settimeout(None)
+        while (line := _read_line(path, reader)) is not None:
+            try:
+                event = json.loads(line)
+            except ValueError as e:
+                raise OperationalError(f"the daemon at {path} sent a malformed event: {e}") from e
+            if not isinstance(event, dict):
+                raise OperationalError(f"the daemon at {path} sent an event that is not an object: {event!r}")
+            yield event
+
+
+def _connect(path: Path, payload: Mapping[str, Any], timeout: float) -> socket.socket:
+    line = encode_request(payload)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+        sock.sendall(line)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
+        sock.close()
+        raise DaemonNotRunning(
+            f"the sessionsync daemon is not running: nothing answers on {path}",
+            hint="start it with 'systemctl --user start sessionsync' or 'sessionsync run'",
+        ) from e
+    except TimeoutError as e:
+        sock.close()
+        raise OperationalError(f"the daemon at {path} did not take the request within {timeout:g} s") from e
+    except OSError as e:
+        sock.close()
+        raise OperationalError(f"cannot talk to the daemon at {path}: {e.strerror or e}") from e
+    return sock
+
+
+def _read_reply(path: Path, reader: BufferedReader, timeout: float) -> dict[str, Any]:
+    try:
+        line = _read_line(path, reader)
+    except TimeoutError as e:
+        raise OperationalError(f"the daemon at {path} did not answer within {timeout:g} s") from e
+    if line is None:
+        raise OperationalError(
+            f"the daemon at {path} hung up without answering",
+            hint="see its log: journalctl --user -u sessionsync",
+        )
+    return parse_reply(line)
+
+
+def _read_line(path: Path, reader: BufferedReader) -> bytes | None:
+    try:
+        return read_line(reader)
+    except ProtocolError as e:
+        raise OperationalError(f"the daemon at {path} sent a line over {MAX_LINE} bytes") from e
+    except TimeoutError:
+        raise
+    except OSError as e:
+        raise OperationalError(f"the connection to the daemon at {path} broke: {e.strerror or e}") from e
