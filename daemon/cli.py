@@ -194,7 +194,8 @@ def cmd_resume(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_errors(args: argparse.Namespace, cfg: Config) -> int:
-    rows = _ask(cfg, {"cmd": "errors"})["errors"]
+    result = _ask(cfg, {"cmd": "errors"})
+    rows = result["errors"]
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -203,6 +204,8 @@ def cmd_errors(args: argparse.Namespace, cfg: Config) -> int:
         print("no invalid sessions")
     for row in rows:
         print(f"{row['project']}/{row['slug']}: {row['sync_error']}")
+    if result["more"]:
+        print(f"... and {result['more']} more")
     return EXIT_OK
 
 

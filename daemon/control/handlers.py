@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from sessionsync.daemon.service import Service
 
 WAIT_LIMIT_S = 600.0
+ERRORS_LIMIT = 100
 
 
 def build_handlers(service: Service) -> dict[str, Callable[[Any], dict[str, Any]]]:
@@ -85,11 +86,17 @@ def build_handlers(service: Service) -> dict[str, Callable[[Any], dict[str, Any]
             if not is_transient(exc):
                 raise
             raise ControlError("unavailable", "database unavailable") from None
+        # A reply line is limited to 64 KiB: list the first ones and say how many more there are.
         return {
             "errors": [
-                {**row, "sync_error_at": row["sync_error_at"].isoformat() if row["sync_error_at"] else None}
-                for row in rows
-            ]
+                {
+                    **row,
+                    "sync_error": (row["sync_error"] or "")[:300],
+                    "sync_error_at": row["sync_error_at"].isoformat() if row["sync_error_at"] else None,
+                }
+                for row in rows[:ERRORS_LIMIT]
+            ],
+            "more": max(0, len(rows) - ERRORS_LIMIT),
         }
 
     return {
