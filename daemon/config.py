@@ -34,7 +34,8 @@ class DatabaseConfig(_Section):
 
 class WatchConfig(_Section):
     projects: tuple[str, ...] = ()
-    roots: tuple[str, ...] = ("~",)
+    # Validated like a configured value, so the default "~" is expanded too (discovery needs a real path).
+    roots: tuple[str, ...] = Field(("~",), validate_default=True)
     discover_depth: int = Field(4, ge=0, le=12)
     sessions_subdir: str = "agents/sessions"
     debounce_ms: int = Field(200, ge=0, le=60_000)
@@ -77,10 +78,12 @@ class ScheduleConfig(_Section):
     @field_validator("reconcile_cron")
     @classmethod
     def _cron(cls, expr: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
+        from datetime import UTC
+
+        from sessionsync.daemon.scheduler import cron_trigger
 
         try:
-            CronTrigger.from_crontab(expr)
+            cron_trigger(expr, UTC)  # what the daemon runs: weekdays 0-7 counted from Sunday
         except ValueError as exc:
             raise ValueError(f"not a valid 5-field crontab expression ({exc})") from None
         return expr
@@ -158,12 +161,12 @@ def find_config_file(explicit: str | None, env: Mapping[str, str], cwd: Path) ->
     """The first config file in the lookup order; an explicitly named one must exist."""
     if explicit:
         path = Path(explicit).expanduser()
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(f"config file {path} does not exist", "check the --config path")
         return path
     if env.get("SESSIONSYNC_CONFIG"):
         path = Path(env["SESSIONSYNC_CONFIG"]).expanduser()
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(
                 f"config file {path} (from $SESSIONSYNC_CONFIG) does not exist",
                 "fix or unset SESSIONSYNC_CONFIG",
@@ -171,9 +174,20 @@ def find_config_file(explicit: str | None, env: Mapping[str, str], cwd: Path) ->
         return path
     xdg = env.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
     for candidate in (cwd / "config.toml", Path(xdg) / "sessionsync" / "config.toml"):
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     return None
+
+
+def _is_file(path: Path) -> bool:
+    # Path.is_file() raises on EACCES; a config that may exist but cannot be checked is an
+    # error, not a silent fall-through to the next candidate.
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot check config file {path}: {exc.strerror}", "fix its permissions or pass --config"
+        ) from None
 
 
 def load_config(
@@ -213,10 +227,15 @@ def load_config(
 def _apply_env(data: dict[str, Any], name: str, raw: str) -> tuple[str, str]:
     section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
     model = _SECTIONS.get(section)
-    if model is None or key not in model.model_fields:
+    if model is None:
         raise ConfigError(
-            f"unknown setting {name} in the environment",
-            "names look like SESSIONSYNC_<SECTION>__<KEY>, for example SESSIONSYNC_DATABASE__URL",
+            f"unknown setting {name} in the environment: no section [{section}]",
+            f"names look like SESSIONSYNC_<SECTION>__<KEY>; sections: {', '.join(_SECTIONS)}",
+        )
+    if key not in model.model_fields:
+        raise ConfigError(
+            f"unknown setting {name} in the environment: no key {key!r} in [{section}]",
+            f"allowed keys in [{section}]: {', '.join(model.model_fields)}",
         )
     value: Any = raw
     if model.model_fields[key].annotation == tuple[str, ...]:
@@ -236,8 +255,12 @@ def _describe(exc: ValidationError, origins: Mapping[tuple[str, str], str]) -> s
     lines = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
-        section, key = (loc + ["", ""])[:2]
-        origin = origins.get((section, key), "")
+        section, key = [*loc, "", ""][:2]
+        # A check across keys (max_delay_ms vs debounce_ms) is reported on the section: name
+        # where that section's values came from.
+        origin = origins.get((section, key)) or ", ".join(
+            sorted({o for (s, _), o in origins.items() if s == section})
+        )
         if error["type"] == "extra_forbidden":
             allowed = ", ".join(_SECTIONS[section].model_fields) if section in _SECTIONS else ""
             lines.append(f"unknown key {key!r} in [{section}] ({origin}); allowed keys: {allowed}")
