@@ -45,8 +45,13 @@ from sessionsync.models.keys import SessionKey
 
 DRAIN_TIMEOUT_S = 30.0
 RETRY_BACKOFF_S = (1.0, 30.0)
+# How each event kind changes the number of live sessions shown by `status`.
+_LIVE_DELTA = {"session.created": 1, "session.restored": 1, "session.deleted": -1}
 # Test seam: a worker that meets this slug blocks, so a test can see WATCHDOG=1 stop.
 WEDGE_ENV = "SESSIONSYNC_TEST_WEDGE_SLUG"
+# Test seam: how often a project that cannot be watched (inotify watch limit) is rescanned, 30 s
+# by default (the watcher's); a chaos run that exhausts the watches needs it within its deadline.
+FALLBACK_SCAN_ENV = "SESSIONSYNC_TEST_FALLBACK_SCAN_S"
 
 
 class Registry:
@@ -116,6 +121,7 @@ class Service:
         self._error_sink = logger.add(self._remember, level="WARNING", format="{message}")
         self.last_reconcile_at: datetime | None = None
         self.live_sessions = 0
+        self._live_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload = threading.Event()
@@ -136,7 +142,11 @@ class Service:
             cfg.watch.debounce_ms / 1000, cfg.watch.max_delay_ms / 1000
         )
         self.debounce = DebounceThread(self.debouncer, self.queue.submit)
-        self.watcher = SessionWatcher(on_key=self.debounce.touch, on_resync=self._resync_soon)
+        self.watcher = SessionWatcher(
+            on_key=self.debounce.touch,
+            on_resync=self._resync_soon,
+            fallback_scan_s=float(self._env.get(FALLBACK_SCAN_ENV) or 30.0),
+        )
         self.schedule = Schedule(nightly=self._nightly, discover=self.rediscover)
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
         self.socket_path = cfg.socket_path(self._env)
@@ -178,7 +188,9 @@ class Service:
             )
             interval = self.notifier.watchdog_interval()
             if interval:
-                self.pinger = WatchdogPinger(self.notifier, interval, self.healthy)
+                # A batch running for 2 x WatchdogSec (4 intervals) is a wedged worker: 60 s with the
+                # shipped unit, well past SQLite's 30 s busy timeout, yet scaled down under test.
+                self.pinger = WatchdogPinger(self.notifier, interval, lambda: self.healthy(4 * interval))
                 self.pinger.start()
             self._main_loop()
             return self._shutdown(started)
@@ -432,6 +444,12 @@ class Service:
         if request.projects is None:
             self.last_reconcile_at = now
             events.append({"kind": RECONCILE_FINISHED, "at": now.isoformat(), **summary.as_dict()})
+            # Every full reconcile purges, as the design has it (start-up, nightly, on request): a
+            # laptop that sleeps through every night still drops its old tombstones.
+            days = self.cfg.retention.tombstone_days
+            purged = self.store.purge_tombstones(timedelta(days=days))
+            if purged:
+                logger.info("purged {} tombstone(s) older than {} day(s)", purged, days)
         self._publish(events)
         self._count_sessions()
         return summary
@@ -449,19 +467,7 @@ class Service:
             self.notifier.extend_timeout(30.0)  # a long first reconcile must not time the start out
 
     def _nightly(self) -> None:
-        request = self.request_resync(None, "nightly")
-        request.done.wait()
-        if request.summary is not None:
-            days = self.cfg.retention.tombstone_days
-            try:
-                purged = self.store.purge_tombstones(timedelta(days=days))
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self.health.failed(exc, self.queue.pending())
-                return
-            if purged:
-                logger.info("purged {} tombstone(s) older than {} day(s)", purged, days)
+        self.request_resync(None, "nightly")
 
     # -- work ---------------------------------------------------------------------------------
 
@@ -478,6 +484,11 @@ class Service:
     def _publish(self, events: list[dict[str, Any]]) -> None:
         self.hub.publish_many(events)
         self.counters["events_published"] += len(events)
+        # Between reconciles (which recount exactly), the status count follows the events.
+        delta = sum(_LIVE_DELTA.get(e["kind"], 0) for e in events)
+        if delta:
+            with self._live_lock:
+                self.live_sessions += delta
 
     def sync_now(self, key: SessionKey) -> BatchResult:
         """Sync one session immediately (the control `sync` command), as its only writer."""
@@ -512,9 +523,10 @@ class Service:
             {"at": record["time"].isoformat(), "level": record["level"].name, "message": record["message"]}
         )
 
-    def healthy(self) -> bool:
-        """Alive and making progress: what WATCHDOG=1 vouches for."""
-        stalled = time.monotonic() - self.workers.last_progress > 60.0
+    def healthy(self, stall_after_s: float) -> bool:
+        """Alive and making progress: what WATCHDOG=1 vouches for. An idle worker is healthy; one
+        busy on a batch for longer than `stall_after_s` is not, even while the others run."""
+        stalled = self.workers.longest_batch_s() > stall_after_s
         return (
             self.watcher.is_alive()
             and self.workers.alive()

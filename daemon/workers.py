@@ -187,7 +187,8 @@ class Workers:
         self._threads = [
             threading.Thread(target=self._run, name=f"worker-{i}", daemon=True) for i in range(threads)
         ]
-        self.last_progress = time.monotonic()
+        # Thread ident -> when its current batch began; a batch that never ends is a wedged worker.
+        self._busy_since: dict[int, float] = {}
         self.batches = 0
         self.written = 0
         self.failures = 0
@@ -209,30 +210,38 @@ class Workers:
     def alive(self) -> bool:
         return all(t.is_alive() for t in self._threads)
 
+    def longest_batch_s(self) -> float:
+        """How long the oldest batch still being processed has run, in seconds (0.0: none)."""
+        # min() over the dict runs in C without releasing the GIL: no lock needed against workers.
+        oldest = min(self._busy_since.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
     def set_batch_size(self, batch_size: int) -> None:
         self._batch_size = batch_size
 
     def _run(self) -> None:
         delay = 0.0
+        me = threading.get_ident()
         while not self._stop.is_set():
             keys = self.queue.take(self._batch_size, timeout=1.0)
             if not keys:
-                self.last_progress = time.monotonic()  # idle is healthy
                 continue
+            self._busy_since[me] = time.monotonic()
             try:
                 result = self._process(keys)
             except Exception as exc:
+                del self._busy_since[me]  # before the backoff: waiting out an outage is not a stall
                 self.queue.done(keys, retry=True)
                 self._failed(exc, keys)
                 low, high = self._backoff
                 delay = min(high, max(low, delay * 2))
                 self._stop.wait(delay)
                 continue
+            del self._busy_since[me]
             self.queue.done(keys)
             delay = 0.0
             self.batches += 1
             self.written += result.written + result.tombstoned
-            self.last_progress = time.monotonic()
             self.health.succeeded()
             if result.events:
                 self._publish(result.events)

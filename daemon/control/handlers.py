@@ -46,8 +46,10 @@ def build_handlers(service: Service) -> dict[str, Callable[[Any], dict[str, Any]
 
     def sync(req: SyncRequest) -> dict[str, Any]:
         folder = os.path.normpath(req.path)
+        # Projects are known by their real path; the user's may go through a link (~/code -> /data).
+        parent = os.path.realpath(os.path.dirname(folder))
         for ref in service.registry.refs().values():
-            if os.path.dirname(folder) == os.path.normpath(ref.sessions_dir):
+            if parent == os.path.realpath(ref.sessions_dir):
                 key = SessionKey(ref.path, os.path.basename(folder))
                 break
         else:
