@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loguru import logger
 from sqlalchemy import exc as sa_exc
 
+from sessionsync.daemon.logs import session_log
 from sessionsync.daemon.store import ProjectRef, Store, WriteResult, is_transient
 from sessionsync.daemon.sync import Action, Change, Known, Verdict, inspect
 from sessionsync.models.keys import SessionKey
@@ -73,11 +73,8 @@ def sync_batch(
             _record(result, _write_alone(store, one, known))
     for project, change in changes:
         if change.invalid:
-            logger.bind(project=project.path, slug=change.key.slug).warning(
-                "{}/{}: state.json is invalid ({}); keeping the last good mirror",
-                project.path,
-                change.key.slug,
-                change.error,
+            session_log(project.path, change.key.slug).warning(
+                "state.json is invalid ({}); keeping the last good mirror", change.error
             )
     return result
 
@@ -93,9 +90,7 @@ def _write_alone(
             raise
         cause = getattr(exc, "orig", None) or exc
         reason = f"the database refused this state ({type(cause).__name__}: {cause})"
-        logger.bind(project=project.path, slug=change.key.slug).error(
-            "{}/{}: {}", project.path, change.key.slug, reason
-        )
+        session_log(project.path, change.key.slug).error("{}", reason)
         refused = Change(change.key, Action.WRITE, change.probe, change.state_hash, None, None, reason[:2000])
         return store.write([(project, refused)], known)
 

@@ -15,7 +15,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 def make_engine(url: str, *, pool_size: int = 4) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE writes."""
+    """An engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE writes.
+    Statement parameters (whole state.json documents) never reach logs or error messages."""
     try:
         parsed = make_url(url)
     except Exception as exc:
@@ -25,7 +26,9 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
         database = parsed.database or ""
         if database and database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            parsed, hide_parameters=True, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
@@ -38,6 +41,8 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
             max_overflow=2,
             pool_pre_ping=True,
             pool_recycle=1800,
+            # Parameters are whole state.json documents: keep them out of logs and error messages.
+            hide_parameters=True,
             connect_args={"connect_timeout": 5, "application_name": "sessionsync"},
         )
     raise ConfigError(

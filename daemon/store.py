@@ -359,12 +359,13 @@ class Store:
         return events
 
     def purge_tombstones(self, older_than: timedelta, now: datetime | None = None) -> int:
-        """Delete tombstoned rows (and their events) deleted more than `older_than` ago."""
+        """Delete this host's tombstoned rows (and their events) deleted more than `older_than` ago."""
         cutoff = (now or datetime.now(UTC)) - older_than
+        mine = select(projects.c.id).where(projects.c.host == self.host)
+        doomed = select(sessions.c.id).where(sessions.c.deleted_at < cutoff, sessions.c.project_id.in_(mine))
         with self.engine.begin() as conn:
-            doomed = select(sessions.c.id).where(sessions.c.deleted_at < cutoff)
             conn.execute(delete(session_events).where(session_events.c.session_id.in_(doomed)))
-            return conn.execute(delete(sessions).where(sessions.c.deleted_at < cutoff)).rowcount
+            return conn.execute(delete(sessions).where(sessions.c.id.in_(doomed))).rowcount
 
     def query_sessions(
         self,
