@@ -556,7 +556,7 @@ class Service:
         old, self.cfg = self.cfg, new
         setup_logging(new.log.level, new.log.format, new.log.file, self._env)
         set_level(new.log.level)
-        self.debouncer.set_timing(new.watch.debounce_ms / 1000, new.watch.max_delay_ms / 1000)
+        self.debounce.set_timing(new.watch.debounce_ms / 1000, new.watch.max_delay_ms / 1000)
         self.workers.set_batch_size(new.workers.batch_size)
         self.schedule.reschedule(
             new.schedule.reconcile_cron, new.schedule.timezone, new.schedule.discover_interval_s

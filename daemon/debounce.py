@@ -1,0 +1,208 @@
+"""Per-key debouncing: a quiet period after a key's last event, capped by a ceiling after its first.
+
+Agents rewrite state.json many times a minute, often in bursts; the debouncer turns each burst into
+one unit of work. `Debouncer` is pure logic on an injected clock (tested without sleeping);
+`DebounceThread` runs one and hands due keys to a sink, sleeping while nothing is pending.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from loguru import logger
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass
+class _Pending:
+    first: float  # time of the first event since the key became pending
+    last: float  # time of the latest event
+    order: int  # arrival order of the first event: ties between keys go to the older one
+
+
+class Debouncer(Generic[K]):
+    """Per key, trailing edge: fires debounce_s after the key's last event, but never later than
+    max_delay_s after its first pending event. A key is pending at most once. Thread-safe."""
+
+    def __init__(
+        self, debounce_s: float, max_delay_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        _check_timing(debounce_s, max_delay_s)
+        self.clock = clock
+        self._debounce_s = debounce_s
+        self._max_delay_s = max_delay_s
+        self._lock = threading.Lock()
+        self._pending: dict[K, _Pending] = {}
+        # One heap entry per pending key, (deadline, order, key). A touch only updates the dict, so
+        # an entry's deadline may be early (deadlines only move later while the timing is fixed);
+        # an early entry is pushed back with its real deadline when it reaches the top. That keeps
+        # touch O(1) for a pending key and O(log n) for a new one, whatever the burst.
+        self._heap: list[tuple[float, int, K]] = []
+        self._order = itertools.count()
+
+    def touch(self, key: K) -> None:
+        """Record an event for `key` now."""
+        now = self.clock()
+        with self._lock:
+            entry = self._pending.get(key)
+            if entry is not None:
+                entry.last = now
+                return
+            entry = _Pending(first=now, last=now, order=next(self._order))
+            self._pending[key] = entry
+            heapq.heappush(self._heap, (self._deadline(entry), entry.order, key))
+
+    def pop_due(self) -> list[K]:
+        """Remove and return the keys whose deadline has passed, oldest first."""
+        now = self.clock()
+        due: list[tuple[float, int, K]] = []
+        with self._lock:
+            while self._heap and self._heap[0][0] <= now:
+                _, order, key = heapq.heappop(self._heap)
+                entry = self._pending[key]
+                deadline = self._deadline(entry)
+                if deadline <= now:
+                    del self._pending[key]
+                    due.append((entry.first, order, key))
+                else:
+                    heapq.heappush(self._heap, (deadline, order, key))
+        due.sort()
+        return [key for _, _, key in due]
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a pending key, or None when nothing is pending."""
+        with self._lock:
+            while self._heap:
+                stored, order, key = self._heap[0]
+                deadline = self._deadline(self._pending[key])
+                if deadline == stored:
+                    return deadline
+                heapq.heapreplace(self._heap, (deadline, order, key))
+            return None
+
+    def flush(self) -> list[K]:
+        """Remove and return every pending key, oldest first (shutdown, pause)."""
+        with self._lock:
+            entries = sorted(self._pending.items(), key=lambda item: (item[1].first, item[1].order))
+            self._pending.clear()
+            self._heap.clear()
+        return [key for key, _ in entries]
+
+    def set_timing(self, debounce_s: float, max_delay_s: float) -> None:
+        """Change the quiet period and the ceiling (config reload); pending keys follow the new timing."""
+        _check_timing(debounce_s, max_delay_s)
+        with self._lock:
+            self._debounce_s = debounce_s
+            self._max_delay_s = max_delay_s
+            # Deadlines may move earlier now, which the lazy heap cannot see: rebuild it (O(n), rare).
+            self._heap = [(self._deadline(entry), entry.order, key) for key, entry in self._pending.items()]
+            heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _deadline(self, entry: _Pending) -> float:
+        return min(entry.last + self._debounce_s, entry.first + self._max_delay_s)
+
+
+def _check_timing(debounce_s: float, max_delay_s: float) -> None:
+    if debounce_s < 0 or max_delay_s < 0:
+        raise ValueError(f"debounce and max delay must be >= 0, not {debounce_s} and {max_delay_s}")
+
+
+class DebounceThread(Generic[K]):
+    """Runs a Debouncer: wakes at the next deadline (or on touch) and hands due keys to `sink`.
+    No polling while idle: waits on a Condition with no timeout when nothing is pending."""
+
+    def __init__(
+        self, debouncer: Debouncer[K], sink: Callable[[list[K]], None], name: str = "debounce"
+    ) -> None:
+        self.debouncer = debouncer
+        self._sink = sink
+        self._name = name
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._flush_on_stop = True
+        self._sink_failing = False
+        self._thread: threading.Thread | None = None
+
+    def touch(self, key: K) -> None:
+        """Record an event for `key` and wake the thread if the key is new (its deadline may be the
+        earliest); a touch of a pending key only moves its deadline later, so it needs no wake-up."""
+        with self._wake:
+            before = len(self.debouncer)
+            self.debouncer.touch(key)
+            if len(self.debouncer) != before:
+                self._wake.notify()
+
+    def set_timing(self, debounce_s: float, max_delay_s: float) -> None:
+        """Change the timing (config reload) and wake the thread, since deadlines may now be earlier."""
+        with self._wake:
+            self.debouncer.set_timing(debounce_s, max_delay_s)
+            self._wake.notify()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"{self._name} thread already started")
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self, flush: bool = True) -> None:
+        """Stop the thread; when `flush`, hand every pending key to the sink first (on this thread
+        when the debounce thread never ran, so that no key is dropped either way)."""
+        with self._wake:
+            self._stopping = True
+            self._flush_on_stop = flush
+            self._wake.notify()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join()
+        elif flush:
+            self._deliver(self.debouncer.flush())
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        with self._wake:
+            while not self._stopping:
+                due = self.debouncer.pop_due()
+                if due:
+                    # Hand the keys over without the lock, so touches are not blocked by the sink.
+                    self._wake.release()
+                    try:
+                        self._deliver(due)
+                    finally:
+                        self._wake.acquire()
+                    continue
+                deadline = self.debouncer.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - self.debouncer.clock())
+                self._wake.wait(timeout)
+            flush = self._flush_on_stop
+        if flush:
+            self._deliver(self.debouncer.flush())
+
+    def _deliver(self, keys: list[K]) -> None:
+        if not keys:
+            return
+        try:
+            self._sink(keys)
+        except Exception:
+            # The keys stay dirty: back into the debouncer, to be offered again after the quiet period.
+            for key in keys:
+                self.debouncer.touch(key)
+            if not self._sink_failing:
+                logger.exception(f"{self._name}: handing {len(keys)} keys on failed; they will be retried")
+            self._sink_failing = True
+            return
+        if self._sink_failing:
+            logger.info(f"{self._name}: handing keys on works again")
+            self._sink_failing = False

@@ -1,0 +1,184 @@
+"""The debouncer on a scripted clock (no sleeping), and its thread on real time (waiting on events)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sessionsync.daemon.debounce import Debouncer, DebounceThread
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def at(self, t: float) -> FakeClock:
+        self.now = t
+        return self
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_quiet_period_restarts_on_each_event(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock)
+    d.touch("a")
+    clock.at(0.15)
+    d.touch("a")
+    assert d.next_deadline() == pytest.approx(0.35)
+    clock.at(0.34)
+    assert d.pop_due() == []
+    assert len(d) == 1
+    clock.at(0.35)
+    assert d.pop_due() == ["a"]
+    assert len(d) == 0
+    assert d.next_deadline() is None
+
+
+def test_ceiling_fires_under_endless_events(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock)
+    fired_at = None
+    for step in range(100):  # an event every 0.1 s, forever (10 s here)
+        clock.at(round(step * 0.1, 10))
+        if d.pop_due():
+            fired_at = clock.now
+            break
+        d.touch("a")
+    assert fired_at == pytest.approx(2.0)
+
+
+def test_key_is_pending_at_most_once(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock)
+    for t in (0.0, 0.05, 0.1):
+        clock.at(t)
+        d.touch("a")
+    assert len(d) == 1
+    clock.at(5.0)
+    assert d.pop_due() == ["a"]
+    assert d.pop_due() == []
+    d.touch("a")  # pending again after it fired: a new first event
+    assert d.next_deadline() == pytest.approx(5.2)
+
+
+def test_keys_are_independent_and_come_oldest_first(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock)
+    d.touch("a")
+    clock.at(0.1)
+    d.touch("b")
+    clock.at(0.15)
+    d.touch("a")  # a now due at 0.35, b at 0.3
+    clock.at(0.31)
+    assert d.pop_due() == ["b"]
+    clock.at(0.36)
+    assert d.pop_due() == ["a"]
+    # Both due in one call: the key whose first event is older comes first.
+    clock.at(1.0)
+    d.touch("late")
+    clock.at(1.01)
+    d.touch("early-deadline-but-newer")
+    clock.at(1.1)
+    d.touch("late")
+    clock.at(5.0)
+    assert d.pop_due() == ["late", "early-deadline-but-newer"]
+
+
+def test_set_timing_moves_pending_deadlines(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock)
+    d.touch("a")
+    d.set_timing(1.0, 5.0)
+    clock.at(0.5)
+    assert d.pop_due() == []
+    assert d.next_deadline() == pytest.approx(1.0)
+    d.set_timing(0.05, 0.1)  # shorter: already due
+    assert d.pop_due() == ["a"]
+    with pytest.raises(ValueError):
+        d.set_timing(-1, 1)
+
+
+def test_flush_returns_everything_pending(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock)
+    d.touch("a")
+    clock.at(0.1)
+    d.touch("b")
+    assert d.flush() == ["a", "b"]
+    assert len(d) == 0
+    assert d.next_deadline() is None
+    clock.at(10)
+    assert d.pop_due() == []
+
+
+def test_a_burst_of_many_keys_stays_cheap(clock: FakeClock) -> None:
+    d: Debouncer[int] = Debouncer(0.2, 2.0, clock)
+    started = time.perf_counter()
+    for round_ in range(5):  # 50,000 touches over 10,000 keys
+        clock.at(round_ * 0.01)
+        for key in range(10_000):
+            d.touch(key)
+    clock.at(0.24)
+    assert d.pop_due() == []  # every key was touched again at 0.04
+    clock.at(0.25)
+    assert d.pop_due() == list(range(10_000))
+    assert time.perf_counter() - started < 2.0  # O(n) per touch would take minutes
+
+
+def test_thread_hands_due_keys_to_the_sink() -> None:
+    received: list[list[str]] = []
+    got = threading.Event()
+
+    def sink(keys: list[str]) -> None:
+        received.append(keys)
+        got.set()
+
+    worker = DebounceThread(Debouncer[str](0.02, 1.0), sink)
+    worker.start()
+    try:
+        worker.touch("a")
+        worker.touch("a")
+        assert got.wait(5)
+        assert received == [["a"]]
+        assert worker.is_alive()
+        # Pending keys are handed over on stop, without waiting out their quiet period.
+        got.clear()
+        worker.set_timing(60.0, 120.0)
+        worker.touch("b")
+    finally:
+        worker.stop(flush=True)
+    assert received == [["a"], ["b"]]
+    assert not worker.is_alive()
+
+
+def test_stop_without_flush_drops_pending_keys() -> None:
+    received: list[list[str]] = []
+    worker = DebounceThread(Debouncer[str](60.0, 120.0), received.append)
+    worker.start()
+    worker.touch("a")
+    worker.stop(flush=False)
+    assert received == []
+    assert len(worker.debouncer) == 1
+
+
+def test_a_failing_sink_keeps_the_keys() -> None:
+    calls: list[list[str]] = []
+    delivered = threading.Event()
+
+    def sink(keys: list[str]) -> None:
+        calls.append(keys)
+        if len(calls) == 1:
+            raise RuntimeError("queue closed")
+        delivered.set()
+
+    worker = DebounceThread(Debouncer[str](0.01, 1.0), sink)
+    worker.start()
+    try:
+        worker.touch("a")
+        assert delivered.wait(5)
+    finally:
+        worker.stop()
+    assert calls == [["a"], ["a"]]

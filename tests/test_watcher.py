@@ -1,0 +1,538 @@
+"""The session watcher on real inotify: events become session keys, lost events become resyncs.
+
+Waits are for conditions (a Condition with a deadline), never for time. Absence of a key is shown
+with a sentinel: events of one project arrive in order, so once a later write's key is in, an
+earlier event that would have produced a key has produced it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from sessionsync.daemon import watcher as watcher_mod
+from sessionsync.daemon.watcher import SessionWatcher, _PromptDelayedQueue, slug_for
+from sessionsync.models.keys import SessionKey
+
+TIMEOUT = 5.0
+
+# The watcher silences this harmless watchdog warning at import, but pytest resets the warning
+# filters set while collecting, so it is silenced again here.
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+
+
+class Recorder:
+    """Collects what the watcher reports; `wait` blocks until a condition holds or fails at a deadline."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.keys: list[SessionKey] = []
+        self.resyncs: list[tuple[str, str]] = []
+
+    def on_key(self, key: SessionKey) -> None:
+        with self.cond:
+            self.keys.append(key)
+            self.cond.notify_all()
+
+    def on_resync(self, project: str, reason: str) -> None:
+        with self.cond:
+            self.resyncs.append((project, reason))
+            self.cond.notify_all()
+
+    def wait(self, condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+        with self.cond:
+            return self.cond.wait_for(condition, timeout)
+
+    def expect_keys(self, *keys: SessionKey) -> None:
+        assert self.wait(lambda: set(keys) <= set(self.keys)), f"missing {set(keys) - set(self.keys)}"
+
+    def expect_resync(self, project: str, reason: str, count: int = 1) -> None:
+        assert self.wait(lambda: self.resyncs.count((project, reason)) >= count), (
+            f"no {count} x {reason!r} for {project}; got {self.resyncs}"
+        )
+
+    def clear(self) -> None:
+        with self.cond:
+            self.keys.clear()
+            self.resyncs.clear()
+
+
+class Project:
+    def __init__(self, root: Path) -> None:
+        self.path = root
+        self.name = str(root)
+        self.sessions = root / "agents" / "sessions"
+        self.sessions.mkdir(parents=True)
+
+    def key(self, slug: str) -> SessionKey:
+        return SessionKey(self.name, slug)
+
+    def write(self, slug: str, text: str = "{}", *, atomic: bool = True) -> None:
+        folder = self.sessions / slug
+        folder.mkdir(exist_ok=True)
+        if atomic:
+            tmp = folder / "state.json.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, folder / "state.json")
+        else:
+            (folder / "state.json").write_text(text)
+
+
+def sentinel(rec: Recorder, project: Project) -> list[SessionKey]:
+    """The keys that came before a fresh write to a sentinel session (which is awaited)."""
+    slug = f"zz-sentinel-{len(rec.keys)}"
+    project.write(slug)
+    rec.expect_keys(project.key(slug))
+    with rec.cond:
+        return rec.keys[: rec.keys.index(project.key(slug))]
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_watcher(rec: Recorder) -> Iterator[Callable[[], SessionWatcher]]:
+    made: list[SessionWatcher] = []
+
+    def make() -> SessionWatcher:
+        w = SessionWatcher(rec.on_key, rec.on_resync, fallback_scan_s=0.05, retry_backoff_s=(0.05, 0.2))
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+        assert not w.is_alive()
+
+
+@pytest.fixture
+def watcher(make_watcher: Callable[[], SessionWatcher]) -> SessionWatcher:
+    w = make_watcher()
+    w.start()
+    return w
+
+
+@pytest.fixture
+def proj(tmp_path: Path, watcher: SessionWatcher) -> Project:
+    p = Project(tmp_path / "proj")
+    (p.sessions / "a").mkdir()
+    (p.sessions / "a" / "state.json").write_text("{}")
+    assert watcher.watch(p.name, str(p.sessions))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("path", "is_dir", "slug"),
+    [
+        ("/s/a", True, "a"),
+        ("/s/a", False, None),  # a file right in the sessions folder
+        ("/s/a/state.json", False, "a"),
+        ("/s/a/spec.md", False, "a"),
+        ("/s/a/plan.json", False, "a"),
+        ("/s/a/plan.md", False, None),
+        ("/s/a/state.json.tmp", False, None),
+        ("/s/a/research/state.json", False, None),
+        ("/s/.trash", True, None),
+        ("/s/.trash/state.json", False, None),
+        ("/s", True, None),
+        ("/other/a/state.json", False, None),
+        ("/sx/a/state.json", False, None),
+    ],
+)
+def test_slug_for(path: str, is_dir: bool, slug: str | None) -> None:
+    assert slug_for("/s", path, is_directory=is_dir) == slug
+
+
+def test_state_json_written_in_place_replaced_and_deleted(rec: Recorder, proj: Project) -> None:
+    proj.write("a", '{"n": 1}', atomic=False)
+    rec.expect_keys(proj.key("a"))
+    rec.clear()
+    proj.write("a", '{"n": 2}', atomic=True)
+    rec.expect_keys(proj.key("a"))
+    rec.clear()
+    (proj.sessions / "a" / "state.json").unlink()
+    rec.expect_keys(proj.key("a"))
+
+
+def test_session_folders_created_renamed_moved_and_deleted(
+    rec: Recorder, proj: Project, tmp_path: Path
+) -> None:
+    (proj.sessions / "b").mkdir()
+    rec.expect_keys(proj.key("b"))
+    rec.clear()
+    (proj.sessions / "b").rename(proj.sessions / "c")
+    rec.expect_keys(proj.key("b"), proj.key("c"))
+    rec.clear()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "d").mkdir()
+    (outside / "d" / "state.json").write_text("{}")
+    (outside / "d").rename(proj.sessions / "d")  # moved in
+    rec.expect_keys(proj.key("d"))
+    rec.clear()
+    (proj.sessions / "d").rename(outside / "d2")  # moved out
+    rec.expect_keys(proj.key("d"))
+    rec.clear()
+    shutil.rmtree(proj.sessions / "c")
+    rec.expect_keys(proj.key("c"))
+    # Events inside a renamed folder are reported under its new name.
+    rec.clear()
+    (proj.sessions / "a").rename(proj.sessions / "a2")
+    rec.expect_keys(proj.key("a"), proj.key("a2"))
+    proj.write("a2", '{"n": 3}', atomic=False)
+    rec.clear()
+    proj.write("a2", '{"n": 4}', atomic=False)
+    rec.expect_keys(proj.key("a2"))
+
+
+def test_spec_and_plan_appearing_and_vanishing(rec: Recorder, proj: Project) -> None:
+    for name in ("spec.md", "plan.json"):
+        (proj.sessions / "a" / name).write_text("x")
+        rec.expect_keys(proj.key("a"))
+        rec.clear()
+        (proj.sessions / "a" / name).unlink()
+        rec.expect_keys(proj.key("a"))
+        rec.clear()
+
+
+def test_deep_files_other_names_and_hidden_slugs_are_ignored(rec: Recorder, proj: Project) -> None:
+    a = proj.sessions / "a"
+    (a / "research").mkdir()
+    (a / "research" / "notes.md").write_text("x")
+    (a / "debug" / "deeper").mkdir(parents=True)
+    (a / "debug" / "deeper" / "state.json").write_text("{}")
+    (a / "plan.md").write_text("x")
+    (a / "context").mkdir()
+    (proj.sessions / ".trash").mkdir()
+    (proj.sessions / ".trash" / "state.json").write_text("{}")
+    (proj.sessions / "README.md").write_text("x")
+    shutil.rmtree(a / "research")
+    assert sentinel(rec, proj) == []
+
+
+def test_sessions_folder_deleted_and_recreated(rec: Recorder, watcher: SessionWatcher, proj: Project) -> None:
+    shutil.rmtree(proj.sessions)
+    rec.expect_resync(proj.name, "sessions folder removed")
+    assert watcher.projects() == {proj.name: "missing"}
+    proj.sessions.mkdir()
+    rec.expect_resync(proj.name, "sessions folder created")
+    assert watcher.projects() == {proj.name: "live"}
+    rec.clear()
+    proj.write("new")
+    rec.expect_keys(proj.key("new"))
+
+
+def test_sessions_folder_moved_away_and_replaced(
+    rec: Recorder, watcher: SessionWatcher, proj: Project
+) -> None:
+    aside = proj.sessions.with_name("sessions.old")
+    proj.sessions.rename(aside)
+    rec.expect_resync(proj.name, "sessions folder removed")
+    rec.clear()
+    # The folder that moved away is not this project's sessions folder anymore.
+    (aside / "a" / "state.json").write_text('{"n": 1}')
+    proj.sessions.mkdir()
+    rec.expect_resync(proj.name, "sessions folder created")
+    assert proj.key("a") not in sentinel(rec, proj)
+    # Swapped for another folder under the same name: the watch follows the name.
+    other = proj.sessions.with_name("sessions.new")
+    (other / "b").mkdir(parents=True)
+    rec.clear()
+    shutil.rmtree(proj.sessions)
+    rec.expect_resync(proj.name, "sessions folder removed")
+    proj.sessions.mkdir()
+    rec.expect_resync(proj.name, "sessions folder created")
+    os.rename(other, proj.sessions)  # over the empty folder, as `mv -T` would
+    rec.expect_resync(proj.name, "sessions folder replaced")
+    assert watcher.projects() == {proj.name: "live"}
+    rec.clear()
+    proj.write("b")
+    rec.expect_keys(proj.key("b"))
+
+
+def test_missing_sessions_folder_is_watched_for(
+    rec: Recorder, watcher: SessionWatcher, tmp_path: Path
+) -> None:
+    # The parent exists: its watch reports the creation.
+    with_parent = tmp_path / "p1"
+    (with_parent / "agents").mkdir(parents=True)
+    assert not watcher.watch(str(with_parent), str(with_parent / "agents" / "sessions"))
+    # Not even the parent: retried with backoff.
+    bare = tmp_path / "p2"
+    bare.mkdir()
+    assert not watcher.watch(str(bare), str(bare / "agents" / "sessions"))
+    assert watcher.projects() == {str(with_parent): "missing", str(bare): "missing"}
+    (with_parent / "agents" / "sessions").mkdir()
+    (bare / "agents" / "sessions").mkdir(parents=True)
+    rec.expect_resync(str(with_parent), "sessions folder created")
+    rec.expect_resync(str(bare), "sessions folder created")
+    assert watcher.projects() == {str(with_parent): "live", str(bare): "live"}
+    (bare / "agents" / "sessions" / "s").mkdir()
+    rec.expect_keys(SessionKey(str(bare), "s"))
+
+
+def test_unwatch_stops_the_keys(
+    rec: Recorder, watcher: SessionWatcher, proj: Project, tmp_path: Path
+) -> None:
+    other = Project(tmp_path / "other")
+    assert watcher.watch(other.name, str(other.sessions))
+    watcher.unwatch(proj.name)
+    assert watcher.projects() == {other.name: "live"}
+    proj.write("a")
+    other.write("x")
+    assert {key.project for key in sentinel(rec, other)} == {other.name}
+
+
+def test_a_failing_handler_does_not_kill_the_observer(rec: Recorder, tmp_path: Path) -> None:
+    failures: list[SessionKey] = []
+
+    def on_key(key: SessionKey) -> None:
+        if not failures:
+            failures.append(key)
+            raise RuntimeError("boom")
+        rec.on_key(key)
+
+    w = SessionWatcher(on_key, rec.on_resync)
+    w.start()
+    try:
+        p = Project(tmp_path / "p")
+        assert w.watch(p.name, str(p.sessions))
+        p.write("first")
+        p.write("second")
+        rec.expect_keys(p.key("second"))
+        assert failures == [p.key("first")]
+        assert w.is_alive()
+        assert w.counters()["handler_errors"] == 1
+    finally:
+        w.stop()
+
+
+def test_a_dead_observer_is_restarted_and_everything_resynced(
+    rec: Recorder, watcher: SessionWatcher, proj: Project
+) -> None:
+    # Fault injection: an entry the dispatcher cannot unpack raises inside watchdog's thread.
+    observer = watcher._observer
+    assert observer is not None
+    observer.event_queue.put(("not an (event, watch) pair",))  # type: ignore[arg-type]
+    rec.expect_resync(proj.name, "inotify observer restarted")
+    assert watcher.counters()["observer_restarts"] == 1
+    assert watcher._observer is not observer
+    assert watcher.is_alive()
+    rec.clear()
+    proj.write("after")
+    rec.expect_keys(proj.key("after"))
+
+
+def test_queue_overflow_resyncs_every_project(
+    make_watcher: Callable[[], SessionWatcher], rec: Recorder, tmp_path: Path
+) -> None:
+    one, two = Project(tmp_path / "one"), Project(tmp_path / "two")
+    (one.sessions / "burst").mkdir()
+    w = make_watcher()
+    # A tiny kernel queue for this watcher's inotify instance only: the value is read when an
+    # instance is created, so it is restored as soon as the watcher has started.
+    knob = Path("/proc/sys/fs/inotify/max_queued_events")
+    saved = knob.read_text()
+    try:
+        knob.write_text("16")
+        w.start()
+    finally:
+        knob.write_text(saved)
+    assert w.watch(one.name, str(one.sessions))
+    assert w.watch(two.name, str(two.sessions))
+    deadline = time.monotonic() + 10
+    n = 0
+    while not rec.wait(lambda: len(rec.resyncs) >= 2, timeout=0.2):
+        assert time.monotonic() < deadline, "no overflow"
+        for _ in range(300):  # 600 events at once, against a queue of 16
+            (one.sessions / "burst" / f"f{n}").write_text("")
+            n += 1
+    rec.expect_resync(one.name, "inotify queue overflowed")
+    rec.expect_resync(two.name, "inotify queue overflowed")
+    assert w.counters()["overflows"] >= 1
+    rec.clear()
+    two.write("after")
+    rec.expect_keys(two.key("after"))
+
+
+def test_watch_limit_falls_back_to_periodic_scans_and_retries(
+    monkeypatch: pytest.MonkeyPatch, rec: Recorder, watcher: SessionWatcher, proj: Project, tmp_path: Path
+) -> None:
+    blocked = {str(tmp_path / "b"), str(tmp_path / "c"), str(proj.sessions / "late")}
+
+    def fault(path: str) -> None:
+        if any(path == b or path.startswith(b + "/") for b in blocked):
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(watcher_mod, "_watch_fault", fault)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", level="WARNING")
+    try:
+        b, c = Project(tmp_path / "b"), Project(tmp_path / "c")
+        assert not watcher.watch(b.name, str(b.sessions))
+        assert not watcher.watch(c.name, str(c.sessions))
+        assert watcher.projects() == {proj.name: "live", b.name: "fallback", c.name: "fallback"}
+        rec.expect_resync(b.name, "periodic scan (no inotify watch)", count=2)
+        # The other projects stay live.
+        proj.write("a")
+        rec.expect_keys(proj.key("a"))
+        # A session folder that cannot be watched later puts its project in fallback too.
+        (proj.sessions / "late").mkdir()
+        rec.expect_resync(proj.name, "periodic scan (no inotify watch)")
+        assert watcher.projects()[proj.name] == "fallback"
+        blocked.clear()
+        for p in (b, c, proj):
+            rec.expect_resync(p.name, "inotify watch restored")
+        assert set(watcher.projects().values()) == {"live"}
+        rec.clear()
+        b.write("x")
+        proj.write("y")
+        rec.expect_keys(b.key("x"), proj.key("y"))
+    finally:
+        logger.remove(sink)
+    hints = [line for line in lines if "sudo sysctl fs.inotify.max_user_watches=" in line]
+    assert len(hints) == 1, lines
+    counters = watcher.counters()
+    assert counters["fallbacks"] == 3
+    assert counters["watch_retries"] >= 3
+
+
+REAL_LIMIT_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading, tempfile
+    from pathlib import Path
+    from sessionsync.daemon.watcher import SessionWatcher
+
+    knob = Path("/proc/sys/user/max_inotify_watches")
+    root = Path(tempfile.mkdtemp())
+    small, big = root / "small" / "agents" / "sessions", root / "big" / "agents" / "sessions"
+    for folder, n in ((small, 2), (big, 20)):
+        for i in range(n):
+            (folder / f"s{i}").mkdir(parents=True)
+    cond = threading.Condition()
+    keys, resyncs = [], []
+
+    def on_key(key):
+        with cond:
+            keys.append(list(key)); cond.notify_all()
+
+    def on_resync(project, reason):
+        with cond:
+            resyncs.append([project, reason]); cond.notify_all()
+
+    def wait(pred):
+        with cond:
+            assert cond.wait_for(pred, 5), (keys, resyncs)
+
+    # small: its parent, the sessions folder and 2 sessions; big gets its parent and a few more.
+    knob.write_text("8")
+    w = SessionWatcher(on_key, on_resync, fallback_scan_s=0.05, retry_backoff_s=(0.05, 0.2))
+    w.start()
+    out = {"small": w.watch("small", str(small)), "big": w.watch("big", str(big))}
+    out["states"] = w.projects()
+    wait(lambda: ["big", "periodic scan (no inotify watch)"] in resyncs)
+    (small / "s0" / "state.json").write_text("{}")
+    wait(lambda: ["small", "s0"] in keys)
+    knob.write_text("1000")
+    wait(lambda: ["big", "inotify watch restored"] in resyncs)
+    (big / "s7" / "state.json").write_text("{}")
+    wait(lambda: ["big", "s7"] in keys)
+    out["states_after"] = w.projects()
+    out["counters"] = w.counters()
+    w.stop()
+    print(json.dumps(out))
+    """
+)
+
+
+def test_real_watch_limit_in_a_user_namespace(tmp_path: Path) -> None:
+    # A new user namespace has its own inotify watch limit (/proc/sys/user/max_inotify_watches),
+    # so a real ENOSPC is had without lowering the machine's limit under other processes.
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is not installed")
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a user namespace: {probe.stderr.decode().strip()}")
+    result = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", REAL_LIMIT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["small"] is True
+    assert out["big"] is False
+    assert out["states"] == {"small": "live", "big": "fallback"}
+    assert out["states_after"] == {"small": "live", "big": "live"}
+    assert out["counters"]["fallbacks"] == 1
+    assert result.stderr.count("sudo sysctl fs.inotify.max_user_watches=524288") == 1
+
+
+@pytest.fixture
+def fast_tmp(tmp_path: Path) -> Iterator[Path]:
+    """A folder on tmpfs when there is one: building thousands of folders on a busy disk takes
+    seconds, and inotify behaves the same on both."""
+    if not os.path.isdir("/dev/shm"):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="sessionsync-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_thousands_of_sessions_start_quickly_and_events_flow(
+    rec: Recorder, watcher: SessionWatcher, fast_tmp: Path
+) -> None:
+    p = Project(fast_tmp / "big")
+    for i in range(3000):
+        folder = p.sessions / f"s{i:04d}"
+        (folder / "research").mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    started = time.monotonic()
+    assert watcher.watch(p.name, str(p.sessions))
+    took = time.monotonic() - started
+    p.write("s1234", '{"n": 1}', atomic=False)
+    rec.expect_keys(p.key("s1234"))
+    assert took < 5.0, f"watching 3000 sessions took {took:.2f} s"
+    assert watcher.counters()["overflows"] == 0
+
+
+def test_a_paired_rename_is_released_at_once() -> None:
+    # watchdog holds an IN_MOVED_FROM to pair it; once paired (removed), what follows must not
+    # wait out the hold. Here the hold is 60 s, so only a prompt release passes.
+    queue: _PromptDelayedQueue[str] = _PromptDelayedQueue(60.0)
+    got: list[str | None] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        got.append(queue.get())
+        done.set()
+
+    queue.put("moved_from", delay=True)
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert queue.remove(lambda item: item == "moved_from") == "moved_from"
+    queue.put("moved_pair")
+    assert done.wait(5)
+    assert got == ["moved_pair"]
+    queue.close()
