@@ -519,8 +519,14 @@ class Service:
 
     def _remember(self, message: Any) -> None:
         record = message.record
+        extra = record["extra"]
+        where = f"[{extra['project']}/{extra['slug']}] " if "slug" in extra else ""
         self.recent_errors.append(
-            {"at": record["time"].isoformat(), "level": record["level"].name, "message": record["message"]}
+            {
+                "at": record["time"].isoformat(),
+                "level": record["level"].name,
+                "message": where + record["message"],
+            }
         )
 
     def healthy(self, stall_after_s: float) -> bool:

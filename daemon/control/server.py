@@ -284,6 +284,11 @@ class ControlServer:
                 conn.sock.sendall(
                     encode_error("bad_request", f"permission denied: uid {uid} may not use this daemon")
                 )
+                # Take the request line before closing: closing with it unread resets the
+                # connection, and the client could lose the reply that says why.
+                conn.sock.shutdown(socket.SHUT_WR)
+                conn.sock.settimeout(1.0)
+                conn.sock.recv(MAX_LINE)
                 return
             with conn.sock.makefile("rb") as reader:
                 self._serve_requests(conn, reader)
