@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, fields
 
 from sqlalchemy import exc as sa_exc
 
@@ -21,19 +20,14 @@ from sessionsync.models.keys import SessionKey
 
 
 @dataclass
-class BatchResult:
-    """Counts for summaries, plus the committed stream events."""
+class BatchResult(WriteResult):
+    """What the store wrote, plus what was skipped without writing: counts for summaries."""
 
-    written: int = 0
-    touched: int = 0
     unchanged: int = 0
-    invalid: int = 0
-    tombstoned: int = 0
     no_state: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, other: BatchResult) -> None:
-        for name in ("written", "touched", "unchanged", "invalid", "tombstoned", "no_state"):
+    def add(self, other: WriteResult) -> None:
+        for name in (f.name for f in fields(other) if f.name != "events"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.events.extend(other.events)
 
@@ -63,14 +57,14 @@ def sync_batch(
         elif isinstance(outcome, Change):
             changes.append((project, outcome))
     try:
-        _record(result, store.write(changes, known))
+        result.add(store.write(changes, known))
     except Exception as exc:
         if is_transient(exc) or len(changes) <= 1 or not isinstance(exc, sa_exc.SQLAlchemyError):
             raise
         # A row the database refuses (a value it cannot store) must not hold back the others:
         # write one by one and let only the refused session carry the error.
         for one in changes:
-            _record(result, _write_alone(store, one, known))
+            result.add(_write_alone(store, one, known))
     for project, change in changes:
         if change.invalid:
             session_log(project.path, change.key.slug).warning(
@@ -93,14 +87,6 @@ def _write_alone(
         session_log(project.path, change.key.slug).error("{}", reason)
         refused = Change(change.key, Action.WRITE, change.probe, change.state_hash, None, None, reason[:2000])
         return store.write([(project, refused)], known)
-
-
-def _record(result: BatchResult, written: WriteResult) -> None:
-    result.written += written.written
-    result.touched += written.touched
-    result.invalid += written.invalid
-    result.tombstoned += written.tombstoned
-    result.events.extend(written.events)
 
 
 def _load_known(
