@@ -99,11 +99,20 @@ def reconcile(
     for project in projects:
         on_disk = list_slugs(project.sessions_dir)
         summary.seen += len(on_disk)
-        slugs = sorted(set(on_disk) | store.live_slugs(project.id))
+        # Alone (no claim), one query tells both the live slugs and what each row holds. Under a
+        # claim, rows are read inside it: a worker may have written them a moment before.
+        rows = store.known(project.id) if claim is None else None
+        live = (
+            {s for s, k in rows.items() if not k.deleted}
+            if rows is not None
+            else store.live_slugs(project.id)
+        )
+        slugs = sorted(set(on_disk) | live)
         for i in range(0, len(slugs), batch_size):
             keys = [SessionKey(project.path, s) for s in slugs[i : i + batch_size]]
+            known = None if rows is None else {k: rows[k.slug] for k in keys if k.slug in rows}
             with hold(keys):
-                result = sync_batch(store, refs, keys, max_bytes)
+                result = sync_batch(store, refs, keys, max_bytes, known)
             summary.totals.add(result)
             if on_batch is not None:
                 on_batch(result)

@@ -8,6 +8,7 @@ by key so two writers never deadlock; an event row per meaningful change; on Pos
 from __future__ import annotations
 
 import socket
+from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,6 +51,7 @@ _MIRRORED = (
     "raw_state",
 )
 _STAT = ("state_hash", "state_size", "state_mtime", "state_mtime_ns", "spec_exists", "plan_exists")
+_NOTIFY_ALL = text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p")
 _STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
 
 
@@ -223,7 +225,7 @@ class Store:
             return result
         ordered = sorted(changes, key=lambda pc: (pc[0].id, pc[1].key.slug))
         with self.engine.begin() as conn:
-            ids = self._write_rows(conn, ordered, now, result)
+            ids = self._write_rows(conn, ordered, known, now, result)
             events = self._events(ordered, known, ids, now)
             if events:
                 conn.execute(
@@ -242,9 +244,10 @@ class Store:
                 )
                 result.events = [stream for *_, stream in events]
                 if self.dialect == "postgresql":
+                    # One statement for the whole batch; delivered only if this transaction commits.
                     conn.execute(
-                        text("SELECT pg_notify(:channel, :payload)"),
-                        [{"channel": NOTIFY_CHANNEL, "payload": notify_payload(e)} for e in result.events],
+                        _NOTIFY_ALL,
+                        {"channel": NOTIFY_CHANNEL, "payloads": [notify_payload(e) for e in result.events]},
                     )
         return result
 
@@ -252,6 +255,7 @@ class Store:
         self,
         conn: Connection,
         ordered: Sequence[tuple[ProjectRef, Change]],
+        known: Mapping[SessionKey, Known],
         now: datetime,
         result: WriteResult,
     ) -> dict[SessionKey, int]:
@@ -302,18 +306,28 @@ class Store:
                         "sync_error_at": now if change.error else None,
                     }
                 )
-        paths = {project.id: project.path for project, _ in ordered}
-        ids: dict[SessionKey, int] = {}
         for rows, columns in ((valid, _MIRRORED + _STAT + _STATUS), (invalid, _STAT + _STATUS)):
-            if not rows:
-                continue
-            insert = self._insert(sessions)
-            upsert = insert.on_conflict_do_update(
-                index_elements=["project_id", "slug"],
-                set_={c: insert.excluded[c] for c in columns},
-            ).returning(sessions.c.id, sessions.c.project_id, sessions.c.slug)
-            for row in conn.execute(upsert, rows):
-                ids[SessionKey(paths[row.project_id], row.slug)] = row.id
+            if rows:
+                insert = self._insert(sessions)
+                upsert = insert.on_conflict_do_update(
+                    index_elements=["project_id", "slug"],
+                    set_={c: insert.excluded[c] for c in columns},
+                )
+                conn.execute(upsert, rows)
+        # Ids of the rows this batch created (known rows carry theirs), one query per project. Not
+        # RETURNING: with it, executemany becomes huge multi-row statements, several times slower.
+        created: dict[ProjectRef, list[str]] = defaultdict(list)
+        for project, change in ordered:
+            if change.action is Action.WRITE and change.key not in known:
+                created[project].append(change.key.slug)
+        ids: dict[SessionKey, int] = {}
+        for project, slugs in created.items():
+            found = conn.execute(
+                select(sessions.c.slug, sessions.c.id).where(
+                    sessions.c.project_id == project.id, sessions.c.slug.in_(slugs)
+                )
+            )
+            ids.update({SessionKey(project.path, slug): row_id for slug, row_id in found})
         if touch:
             s = sessions.c
             conn.execute(
