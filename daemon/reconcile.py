@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from sessionsync.daemon.batch import BatchResult, sync_batch
 from sessionsync.daemon.discovery import ProjectPath
 from sessionsync.daemon.store import ProjectRef, Store
+from sessionsync.daemon.sync import Known
 from sessionsync.models.keys import SessionKey
 
 
@@ -96,26 +97,29 @@ def reconcile(
     summary = ReconcileSummary(projects=len(projects))
     refs = {p.path: p for p in projects}
     hold = claim or (lambda _keys: nullcontext())
+    keys: list[SessionKey] = []
+    preloaded: dict[SessionKey, Known] = {}
     for project in projects:
         on_disk = list_slugs(project.sessions_dir)
         summary.seen += len(on_disk)
         # Alone (no claim), one query tells both the live slugs and what each row holds. Under a
         # claim, rows are read inside it: a worker may have written them a moment before.
-        rows = store.known(project.id) if claim is None else None
-        live = (
-            {s for s, k in rows.items() if not k.deleted}
-            if rows is not None
-            else store.live_slugs(project.id)
-        )
-        slugs = sorted(set(on_disk) | live)
-        for i in range(0, len(slugs), batch_size):
-            keys = [SessionKey(project.path, s) for s in slugs[i : i + batch_size]]
-            known = None if rows is None else {k: rows[k.slug] for k in keys if k.slug in rows}
-            with hold(keys):
-                result = sync_batch(store, refs, keys, max_bytes, known)
-            summary.totals.add(result)
-            if on_batch is not None:
-                on_batch(result)
+        if claim is None:
+            rows = store.known(project.id)
+            preloaded.update({SessionKey(project.path, s): k for s, k in rows.items()})
+            live = {s for s, k in rows.items() if not k.deleted}
+        else:
+            live = store.live_slugs(project.id)
+        keys.extend(SessionKey(project.path, s) for s in sorted(set(on_disk) | live))
+    # Batches span projects: fewer, fuller transactions.
+    for i in range(0, len(keys), batch_size):
+        chunk = keys[i : i + batch_size]
+        known = None if claim is not None else {k: preloaded[k] for k in chunk if k in preloaded}
+        with hold(chunk):
+            result = sync_batch(store, refs, chunk, max_bytes, known)
+        summary.totals.add(result)
+        if on_batch is not None:
+            on_batch(result)
     store.mark_reconciled([p.id for p in projects], datetime.now(UTC))
     summary.seconds = time.perf_counter() - started
     return summary

@@ -8,13 +8,12 @@ by key so two writers never deadlock; an event row per meaningful change; on Pos
 from __future__ import annotations
 
 import socket
-from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, String, Text, bindparam, delete, func, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -26,7 +25,7 @@ from sessionsync.models.events import (
     session_event,
 )
 from sessionsync.models.keys import SessionKey
-from sessionsync.models.tables import projects, session_events, sessions
+from sessionsync.models.tables import JSONDoc, UTCDateTime, projects, session_events, sessions
 
 _MIRRORED = (
     "session_id",
@@ -51,6 +50,19 @@ _MIRRORED = (
     "raw_state",
 )
 _STAT = ("state_hash", "state_size", "state_mtime", "state_mtime_ns", "spec_exists", "plan_exists")
+# An event row finds its session by key inside the same statement: no id round trip, and one
+# statement text for every batch, so the driver prepares it once.
+_INSERT_EVENT = session_events.insert().from_select(
+    ["session_id", "at", "kind", "from_value", "to_value", "detail"],
+    select(
+        sessions.c.id,
+        bindparam("e_at", type_=UTCDateTime()),
+        bindparam("e_kind", type_=String()),
+        bindparam("e_from", type_=Text()),
+        bindparam("e_to", type_=Text()),
+        bindparam("e_detail", type_=JSONDoc),
+    ).where(sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug")),
+)
 _NOTIFY_ALL = text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p")
 _STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
 
@@ -225,24 +237,11 @@ class Store:
             return result
         ordered = sorted(changes, key=lambda pc: (pc[0].id, pc[1].key.slug))
         with self.engine.begin() as conn:
-            ids = self._write_rows(conn, ordered, known, now, result)
-            events = self._events(ordered, known, ids, now)
+            self._write_rows(conn, ordered, now, result)
+            events = self._events(ordered, known, now)
             if events:
-                conn.execute(
-                    session_events.insert(),
-                    [
-                        {
-                            "session_id": session_row,
-                            "at": now,
-                            "kind": kind.value,
-                            "from_value": old,
-                            "to_value": new,
-                            "detail": detail,
-                        }
-                        for session_row, kind, old, new, detail, _ in events
-                    ],
-                )
-                result.events = [stream for *_, stream in events]
+                conn.execute(_INSERT_EVENT, [row for row, _ in events])
+                result.events = [stream for _, stream in events]
                 if self.dialect == "postgresql":
                     # One statement for the whole batch; delivered only if this transaction commits.
                     conn.execute(
@@ -255,10 +254,9 @@ class Store:
         self,
         conn: Connection,
         ordered: Sequence[tuple[ProjectRef, Change]],
-        known: Mapping[SessionKey, Known],
         now: datetime,
         result: WriteResult,
-    ) -> dict[SessionKey, int]:
+    ) -> None:
         valid, invalid, touch, tomb = [], [], [], []
         for project, change in ordered:
             base = {"project_id": project.id, "slug": change.key.slug}
@@ -314,20 +312,6 @@ class Store:
                     set_={c: insert.excluded[c] for c in columns},
                 )
                 conn.execute(upsert, rows)
-        # Ids of the rows this batch created (known rows carry theirs), one query per project. Not
-        # RETURNING: with it, executemany becomes huge multi-row statements, several times slower.
-        created: dict[ProjectRef, list[str]] = defaultdict(list)
-        for project, change in ordered:
-            if change.action is Action.WRITE and change.key not in known:
-                created[project].append(change.key.slug)
-        ids: dict[SessionKey, int] = {}
-        for project, slugs in created.items():
-            found = conn.execute(
-                select(sessions.c.slug, sessions.c.id).where(
-                    sessions.c.project_id == project.id, sessions.c.slug.in_(slugs)
-                )
-            )
-            ids.update({SessionKey(project.path, slug): row_id for slug, row_id in found})
         if touch:
             s = sessions.c
             conn.execute(
@@ -352,24 +336,29 @@ class Store:
         result.invalid = len(invalid)
         result.touched = len(touch)
         result.tombstoned = len(tomb)
-        return ids
 
     @staticmethod
     def _events(
-        ordered: Sequence[tuple[ProjectRef, Change]],
-        known: Mapping[SessionKey, Known],
-        ids: Mapping[SessionKey, int],
-        now: datetime,
-    ) -> list[tuple[int, SessionEventKind, str | None, str | None, dict[str, Any] | None, dict[str, Any]]]:
+        ordered: Sequence[tuple[ProjectRef, Change]], known: Mapping[SessionKey, Known], now: datetime
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(event row parameters, stream event) for each meaningful change of the batch."""
         events = []
         for project, change in ordered:
-            before = known.get(change.key)
-            row_id = ids.get(change.key, before.id if before else None)
-            if row_id is None or change.action is Action.TOUCH:
+            if change.action is Action.TOUCH:
                 continue
-            for kind, old, new, detail in _event_kinds(change, before):
-                stream = session_event(kind, project.path, change.key.slug, now, old, new, detail)
-                events.append((row_id, kind, old, new, detail, stream))
+            for kind, old, new, detail in _event_kinds(change, known.get(change.key)):
+                row = {
+                    "e_project": project.id,
+                    "e_slug": change.key.slug,
+                    "e_at": now,
+                    "e_kind": kind.value,
+                    "e_from": old,
+                    "e_to": new,
+                    "e_detail": detail,
+                }
+                events.append(
+                    (row, session_event(kind, project.path, change.key.slug, now, old, new, detail))
+                )
         return events
 
     def purge_tombstones(self, older_than: timedelta, now: datetime | None = None) -> int:
