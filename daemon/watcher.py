@@ -134,6 +134,15 @@ def slug_for(sessions_dir: str, path: str, *, is_directory: bool) -> str | None:
     return None
 
 
+def _linked_slug(sessions_dir: str, path: str, *, removed: bool) -> str | None:
+    """The slug of a non-folder entry right in `sessions_dir` that is a symbolic link (or, once
+    `removed`, may have been one), or None."""
+    parent, name = os.path.split(path)
+    if parent != sessions_dir.rstrip(os.sep) or not name or name.startswith("."):
+        return None
+    return name if removed or os.path.islink(path) else None
+
+
 def _ident(path: str) -> tuple[int, int] | None:
     """(device, inode) of the folder at `path`, or None when there is no folder there."""
     try:
@@ -547,6 +556,14 @@ class SessionWatcher:
         slugs = {slug_for(watched_dir, src, is_directory=event.is_directory)}
         if isinstance(event, FileSystemMovedEvent) and event.dest_path:
             slugs.add(slug_for(watched_dir, os.fsdecode(event.dest_path), is_directory=event.is_directory))
+        if not event.is_directory:
+            # inotify reports a symbolic link as a file, which slug_for drops right in the sessions
+            # folder; a linked session folder must still reach the worker (it records it invalid)
+            # and so must its removal (what a removed entry was is unknown: its key is cheap).
+            removed = isinstance(event, FileDeletedEvent | FileSystemMovedEvent)
+            slugs.add(_linked_slug(watched_dir, src, removed=removed))
+            if isinstance(event, FileSystemMovedEvent) and event.dest_path:
+                slugs.add(_linked_slug(watched_dir, os.fsdecode(event.dest_path), removed=False))
         for slug in sorted(s for s in slugs if s is not None):
             self._on_key(SessionKey(project, slug))
 

@@ -108,6 +108,7 @@ class Daemon:
         self.env = _sealed_env(tmp, env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._started_lines = 0  # start-up summaries in the log before the latest start
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -115,6 +116,8 @@ class Daemon:
         """Start the daemon (again, after a stop or kill); its output is appended to the log."""
         if self.running:
             raise RuntimeError(f"the daemon (pid {self.pid}) is still running")
+        # Counted, not assumed one per start: a start killed before its summary line logs none.
+        self._started_lines = self.log_count(STARTED_LINE)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(SESSIONSYNC), "run", "--config", str(self.config_path)],
@@ -145,7 +148,7 @@ class Daemon:
         """Wait for the start-up summary line of the latest start: the watches are armed and the
         start-up reconcile is done, so a change made now is the watcher's to see."""
         deadline = time.monotonic() + timeout
-        while self.log_count(STARTED_LINE) < self.starts:
+        while self.log_count(STARTED_LINE) <= self._started_lines:
             proc = self._proc()
             if proc.poll() is not None:
                 raise AssertionError(f"the daemon exited with {proc.returncode} before it started")

@@ -1,0 +1,126 @@
+"""Regression tests for daemon bugs the chaos run (bench/chaos.py) found, one test per bug, each
+named after what it caught. Each builds the smallest scene that showed the bug, on real inotify,
+files and databases.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sessionsync.daemon.watcher import RESYNC_RESTARTED, SessionWatcher
+from sessionsync.models.keys import SessionKey
+from tests.conftest import wait_for, write_state
+from tests.daemon_harness import Daemon, converged, rows
+
+TIMEOUT = 5.0
+
+
+class Seen:
+    """What a watcher reported, with a wait on a condition (and a deadline)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.keys: list[SessionKey] = []
+        self.resyncs: list[tuple[str, str]] = []
+
+    def on_key(self, key: SessionKey) -> None:
+        with self.cond:
+            self.keys.append(key)
+            self.cond.notify_all()
+
+    def on_resync(self, project: str, reason: str) -> None:
+        with self.cond:
+            self.resyncs.append((project, reason))
+            self.cond.notify_all()
+
+    def wait_key(self, key: SessionKey) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: key in self.keys, TIMEOUT), f"no event for {key}"
+
+
+@pytest.fixture
+def watcher() -> Iterator[Callable[[Seen], SessionWatcher]]:
+    made: list[SessionWatcher] = []
+
+    def make(seen: Seen) -> SessionWatcher:
+        w = SessionWatcher(seen.on_key, seen.on_resync)
+        w.start()
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stop()
+
+
+def _sessions(project: Path) -> Path:
+    folder = project / "agents" / "sessions"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _touch_state(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "state.json").write_text("{}")
+
+
+def test_session_moved_to_another_project_then_its_old_name_reused_keeps_the_watcher_alive(
+    tmp_path: Path, watcher: Callable[[Seen], SessionWatcher]
+) -> None:
+    # A session folder moved between projects keeps its inotify watch (same inode), now shared by
+    # both projects' watch groups; the old group still maps it to the old path. Once that name was
+    # reused and removed, removing the moved folder made watchdog's bookkeeping raise KeyError on
+    # the inotify reader thread: the observer died, was restarted, and every project was rescanned.
+    a, b = (tmp_path / "a").resolve(), (tmp_path / "b").resolve()
+    a_sessions, b_sessions = _sessions(a), _sessions(b)
+    _touch_state(a_sessions / "s1")
+    seen = Seen()
+    w = watcher(seen)
+    assert w.watch(str(a), str(a_sessions))
+    assert w.watch(str(b), str(b_sessions))
+
+    (a_sessions / "s1").rename(b_sessions / "s1")
+    seen.wait_key(SessionKey(str(b), "s1"))
+    _touch_state(a_sessions / "s1")  # the old name again: a new folder, a new watch
+    (a_sessions / "marker-1").mkdir()
+    seen.wait_key(SessionKey(str(a), "marker-1"))
+    shutil.rmtree(a_sessions / "s1")
+    shutil.rmtree(b_sessions / "s1")  # the moved folder's watch goes: the crash was here
+
+    # Both projects still deliver events, from the same observer (no restart, no rescan).
+    _touch_state(a_sessions / "after")
+    _touch_state(b_sessions / "after")
+    seen.wait_key(SessionKey(str(a), "after"))
+    seen.wait_key(SessionKey(str(b), "after"))
+    assert w.counters()["observer_restarts"] == 0
+    assert [r for r in seen.resyncs if r[1] == RESYNC_RESTARTED] == []
+    assert w.is_alive()
+
+
+def test_session_folder_made_a_symlink_while_running_gets_an_invalid_row_then_a_tombstone(
+    tmp_path: Path, project: Path
+) -> None:
+    # inotify reports a symbolic link as a file, and the watcher dropped files standing right in
+    # the sessions folder: a linked session folder got no row (the contract: invalid, links are not
+    # followed) and, once mirrored by a reconcile, its removal left the row live.
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    sessions = project / "agents" / "sessions"
+    write_state(project, "real", {"topic": "real"})
+    with Daemon(tmp_path, url, projects=[project], debounce_ms=20, max_delay_ms=200) as daemon:
+        daemon.wait_started()
+        os.symlink(sessions / "real", sessions / "linked")
+        os.symlink("/etc", sessions / "outside")
+        wait_for(lambda: converged(url, [project]), timeout=TIMEOUT)
+        linked = rows(url)[(str(project), "linked")]
+        assert linked["invalid"]
+        assert "symbolic link" in linked["sync_error"]
+        (sessions / "linked").unlink()
+        (sessions / "outside").unlink()
+        wait_for(lambda: converged(url, [project]), timeout=TIMEOUT)
+        assert rows(url)[(str(project), "outside")]["deleted_at"] is not None
