@@ -231,6 +231,7 @@ class Chaos:
         for project in (self.root / "alpha", self.root / "team" / "beta", self.root / "team" / "gamma"):
             self._add_project(project, self.rng.randint(6, 12))
         self._add_project(self.explicit, self.rng.randint(6, 12))
+        (self.work / "staging").mkdir()  # outside every project: sessions are moved out and in
         for _ in range(3):
             self._op_decoy()
 
@@ -261,7 +262,7 @@ class Chaos:
             "rename": 4 if have else 0,
             "move": 3 if have and sum(self.present.values()) > 1 else 0,
             "remove_sessions": 0.06 if sum(self.present.values()) > 2 else 0,
-            "recreate_sessions": 2 if absent else 0,
+            "recreate_sessions": 0.3 if absent else 0,  # gone for a few seconds, often more
             "new_project": 0.04 if self.new_projects < 3 else 0,
             "decoy": 0.2,
             "link": 1.5 if have else 0,
@@ -458,8 +459,9 @@ class Chaos:
         self.sessions[dest].add(new)
 
     def _op_remove_sessions(self) -> None:
+        """The sessions folder removed, or its parent too (a branch without agents/ checked out)."""
         project = self.rng.choice(self._live_projects())
-        shutil.rmtree(project / SESSIONS)
+        shutil.rmtree(project / (SESSIONS if self.rng.random() < 0.5 else SESSIONS.parent))
         self.present[project] = False
         self.sessions[project] = set()
         self.links[project] = set()

@@ -343,6 +343,13 @@ class Service:
     def _refresh_projects(self, initial: bool = False) -> None:
         """Discover; register and watch new projects, unwatch and tombstone vanished ones."""
         found = self._discovered()
+        if initial:
+            # A project an earlier run mirrored that is no longer found (removed, or its sessions
+            # folder gone, while the daemon was down) still has live rows: it joins the registry
+            # so that it is tombstoned below like a project vanishing while running.
+            paths = {p.path for p in found}
+            stale = [r for r in self.store.known_projects() if r.path not in paths]
+            self.registry.add({r.path: r for r in stale if self.store.live_slugs(r.id)})
         current = self.registry.refs()
         new = [p for p in found if p.path not in current]
         gone = [path for path in current if path not in {p.path for p in found}]

@@ -777,14 +777,20 @@ class SessionWatcher:
         return entry.state
 
     def _add_parent_watch(self, observer: _Observer, entry: _Project) -> None:
-        parent = os.path.dirname(entry.sessions_dir)
+        parent, name = os.path.dirname(entry.sessions_dir), os.path.basename(entry.sessions_dir)
+        # While the parent is missing too (a branch without agents/ checked out), the nearest folder
+        # of the project that exists is watched for the missing one's return, alone (never
+        # recursively); without it the retry backoff, up to 5 minutes, decided when it was seen.
+        # _check moves the watch down again as the folders come back (the idents differ).
+        while parent.startswith(entry.project + os.sep) and _ident(parent) is None:
+            parent, name = os.path.dirname(parent), os.path.basename(parent)
         ident = _ident(parent)
         path = os.fsencode(parent)
         _inject_fault(path)
         wd = observer.fd.add_callback(path, _PARENT_MASK, self._parents, self._parents.id)
         if wd == -1:
             return  # EACCES, let through by watchdog: nothing is watched
-        self._parents.add(wd, entry.project, os.path.basename(entry.sessions_dir))
+        self._parents.add(wd, entry.project, name)
         entry.parent_wd, entry.parent_ident = wd, ident
 
     def _drop_parent(self, entry: _Project) -> None:

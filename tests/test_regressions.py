@@ -10,10 +10,11 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sessionsync.daemon.watcher import RESYNC_RESTARTED, SessionWatcher
+from sessionsync.daemon.watcher import RESYNC_CREATED, RESYNC_REMOVED, RESYNC_RESTARTED, SessionWatcher
 from sessionsync.models.keys import SessionKey
 from tests.conftest import wait_for, write_state
 from tests.daemon_harness import Daemon, converged, rows
@@ -43,13 +44,19 @@ class Seen:
         with self.cond:
             assert self.cond.wait_for(lambda: key in self.keys, TIMEOUT), f"no event for {key}"
 
+    def wait_resync(self, project: str, reason: str) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: (project, reason) in self.resyncs, TIMEOUT), (
+                f"no {reason!r} resync for {project}; got {self.resyncs}"
+            )
+
 
 @pytest.fixture
-def watcher() -> Iterator[Callable[[Seen], SessionWatcher]]:
+def watcher() -> Iterator[Callable[..., SessionWatcher]]:
     made: list[SessionWatcher] = []
 
-    def make(seen: Seen) -> SessionWatcher:
-        w = SessionWatcher(seen.on_key, seen.on_resync)
+    def make(seen: Seen, **options: Any) -> SessionWatcher:
+        w = SessionWatcher(seen.on_key, seen.on_resync, **options)
         w.start()
         made.append(w)
         return w
@@ -71,7 +78,7 @@ def _touch_state(folder: Path) -> None:
 
 
 def test_session_moved_to_another_project_then_its_old_name_reused_keeps_the_watcher_alive(
-    tmp_path: Path, watcher: Callable[[Seen], SessionWatcher]
+    tmp_path: Path, watcher: Callable[..., SessionWatcher]
 ) -> None:
     # A session folder moved between projects keeps its inotify watch (same inode), now shared by
     # both projects' watch groups; the old group still maps it to the old path. Once that name was
@@ -124,3 +131,44 @@ def test_session_folder_made_a_symlink_while_running_gets_an_invalid_row_then_a_
         (sessions / "outside").unlink()
         wait_for(lambda: converged(url, [project]), timeout=TIMEOUT)
         assert rows(url)[(str(project), "outside")]["deleted_at"] is not None
+
+
+def test_sessions_folder_back_after_its_parent_was_removed_is_watched_at_once(
+    tmp_path: Path, watcher: Callable[..., SessionWatcher]
+) -> None:
+    # A branch without agents/ checked out removes the sessions folder and its parent: nothing was
+    # left to report their return, and the watcher looked again on its retry backoff, which grows to
+    # 5 minutes. Here the backoff starts at a minute, so only an inotify event can make the deadline.
+    project = (tmp_path / "p").resolve()
+    sessions = _sessions(project)
+    seen = Seen()
+    w = watcher(seen, retry_backoff_s=(60.0, 300.0))
+    assert w.watch(str(project), str(sessions))
+    shutil.rmtree(project / "agents")
+    seen.wait_resync(str(project), RESYNC_REMOVED)
+    sessions.mkdir(parents=True)  # the branch with agents/ is back
+    seen.wait_resync(str(project), RESYNC_CREATED)
+    _touch_state(sessions / "s2")
+    seen.wait_key(SessionKey(str(project), "s2"))
+    assert w.projects() == {str(project): "live"}
+
+
+def test_project_gone_while_the_daemon_was_down_has_its_sessions_tombstoned_at_start(
+    tmp_path: Path,
+) -> None:
+    # Only the projects found at start-up were reconciled: one mirrored by an earlier run whose
+    # folder (or sessions folder) went away while the daemon was down kept its rows live forever.
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    root = (tmp_path / "code").resolve()
+    stays, goes = root / "stays", root / "goes"
+    for project in (stays, goes):
+        write_state(project, "s1", {"topic": project.name})
+    with Daemon(tmp_path, url, roots=[root], debounce_ms=20, max_delay_ms=200) as daemon:
+        daemon.wait_started()
+        wait_for(lambda: converged(url, [stays, goes]), timeout=TIMEOUT)
+        assert daemon.stop() == 0
+        shutil.rmtree(goes)
+        daemon.start()
+        daemon.wait_started()
+        wait_for(lambda: converged(url, [stays, goes]), timeout=TIMEOUT)
+        assert rows(url)[(str(goes), "s1")]["deleted_at"] is not None
