@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,46 +15,17 @@ import pytest
 
 from sessionsync.daemon.watcher import RESYNC_CREATED, RESYNC_REMOVED, RESYNC_RESTARTED, SessionWatcher
 from sessionsync.models.keys import SessionKey
-from tests.conftest import wait_for, write_state
+from tests.conftest import Recorder, wait_for, write_state
 from tests.daemon_harness import Daemon, converged, rows
 
 TIMEOUT = 5.0
-
-
-class Seen:
-    """What a watcher reported, with a wait on a condition (and a deadline)."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.keys: list[SessionKey] = []
-        self.resyncs: list[tuple[str, str]] = []
-
-    def on_key(self, key: SessionKey) -> None:
-        with self.cond:
-            self.keys.append(key)
-            self.cond.notify_all()
-
-    def on_resync(self, project: str, reason: str) -> None:
-        with self.cond:
-            self.resyncs.append((project, reason))
-            self.cond.notify_all()
-
-    def wait_key(self, key: SessionKey) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: key in self.keys, TIMEOUT), f"no event for {key}"
-
-    def wait_resync(self, project: str, reason: str) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: (project, reason) in self.resyncs, TIMEOUT), (
-                f"no {reason!r} resync for {project}; got {self.resyncs}"
-            )
 
 
 @pytest.fixture
 def watcher() -> Iterator[Callable[..., SessionWatcher]]:
     made: list[SessionWatcher] = []
 
-    def make(seen: Seen, **options: Any) -> SessionWatcher:
+    def make(seen: Recorder, **options: Any) -> SessionWatcher:
         w = SessionWatcher(seen.on_key, seen.on_resync, **options)
         w.start()
         made.append(w)
@@ -87,24 +57,24 @@ def test_session_moved_to_another_project_then_its_old_name_reused_keeps_the_wat
     a, b = (tmp_path / "a").resolve(), (tmp_path / "b").resolve()
     a_sessions, b_sessions = _sessions(a), _sessions(b)
     _touch_state(a_sessions / "s1")
-    seen = Seen()
+    seen = Recorder()
     w = watcher(seen)
     assert w.watch(str(a), str(a_sessions))
     assert w.watch(str(b), str(b_sessions))
 
     (a_sessions / "s1").rename(b_sessions / "s1")
-    seen.wait_key(SessionKey(str(b), "s1"))
+    seen.expect_keys(SessionKey(str(b), "s1"))
     _touch_state(a_sessions / "s1")  # the old name again: a new folder, a new watch
     (a_sessions / "marker-1").mkdir()
-    seen.wait_key(SessionKey(str(a), "marker-1"))
+    seen.expect_keys(SessionKey(str(a), "marker-1"))
     shutil.rmtree(a_sessions / "s1")
     shutil.rmtree(b_sessions / "s1")  # the moved folder's watch goes: the crash was here
 
     # Both projects still deliver events, from the same observer (no restart, no rescan).
     _touch_state(a_sessions / "after")
     _touch_state(b_sessions / "after")
-    seen.wait_key(SessionKey(str(a), "after"))
-    seen.wait_key(SessionKey(str(b), "after"))
+    seen.expect_keys(SessionKey(str(a), "after"))
+    seen.expect_keys(SessionKey(str(b), "after"))
     assert w.counters()["observer_restarts"] == 0
     assert [r for r in seen.resyncs if r[1] == RESYNC_RESTARTED] == []
     assert w.is_alive()
@@ -141,15 +111,15 @@ def test_sessions_folder_back_after_its_parent_was_removed_is_watched_at_once(
     # 5 minutes. Here the backoff starts at a minute, so only an inotify event can make the deadline.
     project = (tmp_path / "p").resolve()
     sessions = _sessions(project)
-    seen = Seen()
+    seen = Recorder()
     w = watcher(seen, retry_backoff_s=(60.0, 300.0))
     assert w.watch(str(project), str(sessions))
     shutil.rmtree(project / "agents")
-    seen.wait_resync(str(project), RESYNC_REMOVED)
+    seen.expect_resync(str(project), RESYNC_REMOVED)
     sessions.mkdir(parents=True)  # the branch with agents/ is back
-    seen.wait_resync(str(project), RESYNC_CREATED)
+    seen.expect_resync(str(project), RESYNC_CREATED)
     _touch_state(sessions / "s2")
-    seen.wait_key(SessionKey(str(project), "s2"))
+    seen.expect_keys(SessionKey(str(project), "s2"))
     assert w.projects() == {str(project): "live"}
 
 

@@ -26,48 +26,13 @@ from loguru import logger
 from sessionsync.daemon import watcher as watcher_mod
 from sessionsync.daemon.watcher import SessionWatcher, _PromptDelayedQueue, slug_for
 from sessionsync.models.keys import SessionKey
+from tests.conftest import Recorder
 
 TIMEOUT = 5.0
 
 # The watcher silences this harmless watchdog warning at import, but pytest resets the warning
 # filters set while collecting, so it is silenced again here.
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
-
-
-class Recorder:
-    """Collects what the watcher reports; `wait` blocks until a condition holds or fails at a deadline."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.keys: list[SessionKey] = []
-        self.resyncs: list[tuple[str, str]] = []
-
-    def on_key(self, key: SessionKey) -> None:
-        with self.cond:
-            self.keys.append(key)
-            self.cond.notify_all()
-
-    def on_resync(self, project: str, reason: str) -> None:
-        with self.cond:
-            self.resyncs.append((project, reason))
-            self.cond.notify_all()
-
-    def wait(self, condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
-        with self.cond:
-            return self.cond.wait_for(condition, timeout)
-
-    def expect_keys(self, *keys: SessionKey) -> None:
-        assert self.wait(lambda: set(keys) <= set(self.keys)), f"missing {set(keys) - set(self.keys)}"
-
-    def expect_resync(self, project: str, reason: str, count: int = 1) -> None:
-        assert self.wait(lambda: self.resyncs.count((project, reason)) >= count), (
-            f"no {count} x {reason!r} for {project}; got {self.resyncs}"
-        )
-
-    def clear(self) -> None:
-        with self.cond:
-            self.keys.clear()
-            self.resyncs.clear()
 
 
 class Project:
