@@ -3,6 +3,14 @@
 Agents rewrite state.json many times a minute, often in bursts; the debouncer turns each burst into
 one unit of work. `Debouncer` is pure logic on an injected clock (tested without sleeping);
 `DebounceThread` runs one and hands due keys to a sink, sleeping while nothing is pending.
+
+A flood (more keys pending at once than one batch of work holds, say a checkout or a script
+rewriting hundreds of sessions) is where a per-key quiet period coalesces worst: with hundreds of
+keys written in turn, a key's own gaps straddle the quiet period at random and it fires several
+times. So while a flood lasts, the quiet period is the whole stream's: a key fires at its ceiling,
+or when no key at all has had an event for the quiet period, which ends the flood. Convergence is
+unchanged (once the files stop changing, everything fires within the quiet period), and a session
+rewritten throughout a flood is written about once per ceiling.
 """
 
 from __future__ import annotations
@@ -29,21 +37,33 @@ class _Pending:
 
 class Debouncer(Generic[K]):
     """Per key, trailing edge: fires debounce_s after the key's last event, but never later than
-    max_delay_s after its first pending event. A key is pending at most once. Thread-safe."""
+    max_delay_s after its first pending event. A key is pending at most once. Thread-safe.
+
+    With more than `flood_keys` keys pending (None: never), a flood begins: until the whole stream
+    has been quiet for debounce_s, keys fire only at their ceiling; then every pending key fires."""
 
     def __init__(
-        self, debounce_s: float, max_delay_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        debounce_s: float,
+        max_delay_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        flood_keys: int | None = None,
     ) -> None:
         _check_timing(debounce_s, max_delay_s)
         self.clock = clock
         self._debounce_s = debounce_s
         self._max_delay_s = max_delay_s
+        self._flood_keys = flood_keys
+        self._flood = False
+        self._stream_last = 0.0  # time of the latest event of any key
+        self.floods = 0  # floods begun so far
         self._lock = threading.Lock()
         self._pending: dict[K, _Pending] = {}
         # One heap entry per pending key, (deadline, order, key). A touch only updates the dict, so
         # an entry's deadline may be early (deadlines only move later while the timing is fixed);
         # an early entry is pushed back with its real deadline when it reaches the top. That keeps
-        # touch O(1) for a pending key and O(log n) for a new one, whatever the burst.
+        # touch O(1) for a pending key and O(log n) for a new one, whatever the burst. A flood only
+        # moves deadlines later while it lasts; its end makes every pending key due at once.
         self._heap: list[tuple[float, int, K]] = []
         self._order = itertools.count()
 
@@ -51,6 +71,8 @@ class Debouncer(Generic[K]):
         """Record an event for `key` now."""
         now = self.clock()
         with self._lock:
+            self._end_quiet_flood(now)
+            self._stream_last = now
             entry = self._pending.get(key)
             if entry is not None:
                 entry.last = now
@@ -58,12 +80,16 @@ class Debouncer(Generic[K]):
             entry = _Pending(first=now, last=now, order=next(self._order))
             self._pending[key] = entry
             heapq.heappush(self._heap, (self._deadline(entry), entry.order, key))
+            if not self._flood and self._flood_keys is not None and len(self._pending) > self._flood_keys:
+                self._flood = True
+                self.floods += 1
 
     def pop_due(self) -> list[K]:
         """Remove and return the keys whose deadline has passed, oldest first."""
         now = self.clock()
         due: list[tuple[float, int, K]] = []
         with self._lock:
+            self._end_quiet_flood(now)
             while self._heap and self._heap[0][0] <= now:
                 _, order, key = heapq.heappop(self._heap)
                 entry = self._pending[key]
@@ -83,7 +109,7 @@ class Debouncer(Generic[K]):
                 stored, order, key = self._heap[0]
                 deadline = self._deadline(self._pending[key])
                 if deadline == stored:
-                    return deadline
+                    return min(deadline, self._stream_last + self._debounce_s) if self._flood else deadline
                 heapq.heapreplace(self._heap, (deadline, order, key))
             return None
 
@@ -93,24 +119,39 @@ class Debouncer(Generic[K]):
             entries = sorted(self._pending.items(), key=lambda item: (item[1].first, item[1].order))
             self._pending.clear()
             self._heap.clear()
+            self._flood = False
         return [key for key, _ in entries]
 
-    def set_timing(self, debounce_s: float, max_delay_s: float) -> None:
-        """Change the quiet period and the ceiling (config reload); pending keys follow the new timing."""
+    def set_timing(self, debounce_s: float, max_delay_s: float, flood_keys: int | None = None) -> None:
+        """Change the quiet period, the ceiling and the flood size (config reload); pending keys follow
+        the new timing."""
         _check_timing(debounce_s, max_delay_s)
         with self._lock:
             self._debounce_s = debounce_s
             self._max_delay_s = max_delay_s
-            # Deadlines may move earlier now, which the lazy heap cannot see: rebuild it (O(n), rare).
-            self._heap = [(self._deadline(entry), entry.order, key) for key, entry in self._pending.items()]
-            heapq.heapify(self._heap)
+            self._flood_keys = flood_keys
+            self._rebuild_heap()
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)
 
     def _deadline(self, entry: _Pending) -> float:
+        if self._flood:
+            return entry.first + self._max_delay_s  # the stream's quiet period is checked apart
         return min(entry.last + self._debounce_s, entry.first + self._max_delay_s)
+
+    def _end_quiet_flood(self, now: float) -> None:
+        """End the flood once no key has had an event for the quiet period: every pending key's own
+        quiet period has then passed too, so all of them are due."""
+        if self._flood and now >= self._stream_last + self._debounce_s:
+            self._flood = False
+            self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        # Deadlines may move earlier, which the lazy heap cannot see: rebuild it (O(n), rare).
+        self._heap = [(self._deadline(entry), entry.order, key) for key, entry in self._pending.items()]
+        heapq.heapify(self._heap)
 
 
 def _check_timing(debounce_s: float, max_delay_s: float) -> None:
@@ -143,10 +184,10 @@ class DebounceThread(Generic[K]):
             if len(self.debouncer) != before:
                 self._wake.notify()
 
-    def set_timing(self, debounce_s: float, max_delay_s: float) -> None:
+    def set_timing(self, debounce_s: float, max_delay_s: float, flood_keys: int | None = None) -> None:
         """Change the timing (config reload) and wake the thread, since deadlines may now be earlier."""
         with self._wake:
-            self.debouncer.set_timing(debounce_s, max_delay_s)
+            self.debouncer.set_timing(debounce_s, max_delay_s, flood_keys)
             self._wake.notify()
 
     def start(self) -> None:

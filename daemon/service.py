@@ -138,8 +138,9 @@ class Service:
             cfg.workers.batch_size,
             self.health,
         )
+        # A flood is more keys pending than one batch holds (see debounce.py).
         self.debouncer: Debouncer[SessionKey] = Debouncer(
-            cfg.watch.debounce_ms / 1000, cfg.watch.max_delay_ms / 1000
+            cfg.watch.debounce_ms / 1000, cfg.watch.max_delay_ms / 1000, flood_keys=cfg.workers.batch_size
         )
         self.debounce = DebounceThread(self.debouncer, self.queue.submit)
         self.watcher = SessionWatcher(
@@ -569,7 +570,9 @@ class Service:
         old, self.cfg = self.cfg, new
         setup_logging(new.log.level, new.log.format, new.log.file, self._env)
         set_level(new.log.level)
-        self.debounce.set_timing(new.watch.debounce_ms / 1000, new.watch.max_delay_ms / 1000)
+        self.debounce.set_timing(
+            new.watch.debounce_ms / 1000, new.watch.max_delay_ms / 1000, new.workers.batch_size
+        )
         self.workers.set_batch_size(new.workers.batch_size)
         self.schedule.reschedule(
             new.schedule.reconcile_cron, new.schedule.timezone, new.schedule.discover_interval_s

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -126,6 +128,76 @@ def test_a_burst_of_many_keys_stays_cheap(clock: FakeClock) -> None:
     clock.at(0.25)
     assert d.pop_due() == list(range(10_000))
     assert time.perf_counter() - started < 2.0  # O(n) per touch would take minutes
+
+
+def test_a_flood_waits_for_the_whole_stream_to_go_quiet(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock, flood_keys=2)
+    for key in ("a", "b", "c"):  # a third pending key: more than flood_keys, a flood
+        d.touch(key)
+    assert d.floods == 1
+    for step in range(1, 11):  # c alone keeps the stream busy until 1.0
+        clock.at(step * 0.1)
+        assert d.pop_due() == []  # a and b are quiet, but the stream is not
+        d.touch("c")
+    assert d.next_deadline() == pytest.approx(1.2)
+    clock.at(1.19)
+    assert d.pop_due() == []
+    clock.at(1.2)
+    assert d.pop_due() == ["a", "b", "c"]
+    # The flood is over: a lone key has its own quiet period again.
+    d.touch("a")
+    clock.at(1.3)
+    d.touch("b")
+    clock.at(1.4)
+    assert d.pop_due() == ["a"]
+    assert d.floods == 1
+
+
+def test_a_flood_keeps_the_ceiling(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock, flood_keys=1)
+    d.touch("a")
+    d.touch("b")
+    fired: dict[str, float] = {}
+    for step in range(1, 30):  # b every 0.1 s until 2.9: the stream never goes quiet
+        clock.at(round(step * 0.1, 10))
+        fired.update((key, clock.now) for key in d.pop_due())
+        d.touch("b")
+    assert fired == {"a": pytest.approx(2.0), "b": pytest.approx(2.0)}
+
+
+def test_a_flood_writes_each_session_about_once_per_ceiling(clock: FakeClock) -> None:
+    """bench/live.py's burst on the fake clock: 20 shuffled rounds over 500 keys at 4,000 writes/s,
+    so a key's own gaps (0 to 250 ms) straddle the 200 ms quiet period at random."""
+    rng = random.Random(3)
+    rounds = [rng.sample(range(500), 500) for _ in range(20)]
+
+    def fires_per_key(flood_keys: int | None) -> Counter[int]:
+        clock = FakeClock()
+        d: Debouncer[int] = Debouncer(0.2, 2.0, clock, flood_keys=flood_keys)
+        fires: Counter[int] = Counter()
+        for n, key in enumerate(k for order in rounds for k in order):
+            clock.at(n / 4000)
+            fires.update(d.pop_due())
+            d.touch(key)
+        clock.at(10.0)
+        fires.update(d.pop_due())
+        return fires
+
+    assert sum(fires_per_key(None).values()) > 1_300  # the quiet period alone: about 3 fires a key
+    flood = fires_per_key(256)
+    # 2.5 s of writes: the ceiling at about 2.0 s, then the stream's quiet period after the last.
+    assert set(flood.values()) == {2}
+
+
+def test_below_the_flood_size_each_key_keeps_its_own_quiet_period(clock: FakeClock) -> None:
+    d: Debouncer[str] = Debouncer(0.2, 2.0, clock, flood_keys=2)
+    d.touch("a")
+    for step in range(1, 6):
+        clock.at(step * 0.1)
+        d.touch("b")
+        if step == 2:
+            assert d.pop_due() == ["a"]
+    assert d.floods == 0
 
 
 def test_thread_hands_due_keys_to_the_sink() -> None:

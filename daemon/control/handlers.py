@@ -152,6 +152,7 @@ def status_of(service: Service) -> dict[str, Any]:
             "batches": service.workers.batches,
             "rows_written": service.workers.written,
             "batch_failures": service.workers.failures,
+            "floods": service.debouncer.floods,
             "database_outages": health.outages,
             "subscribers": service.hub.subscriber_count(),
         },
