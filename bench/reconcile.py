@@ -193,6 +193,7 @@ def build_tree(root: Path, sessions: int, project_count: int, seed: int = 7) -> 
                     f.write(f"# {doc['topic']}\n")
         mtime = past - rng.randrange(30 * 24 * 3600) * 1_000_000_000
         os.utime(state, ns=(mtime, mtime))
+        os.utime(folder, ns=(mtime, mtime))  # as old as its last entry, as on a real disk
         state_files.append(state)
     return Tree(projects, state_files, total)
 

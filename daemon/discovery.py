@@ -26,7 +26,7 @@ class ProjectPath:
 
 def project_at(folder: str, sessions_subdir: str) -> ProjectPath:
     path = os.path.realpath(folder)
-    return ProjectPath(path, os.path.join(path, sessions_subdir))
+    return ProjectPath(path, os.path.normpath(os.path.join(path, sessions_subdir)))
 
 
 def discover(

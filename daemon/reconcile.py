@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -97,24 +97,7 @@ def reconcile(
     summary = ReconcileSummary(projects=len(projects))
     refs = {p.path: p for p in projects}
     hold = claim or (lambda _keys: nullcontext())
-    keys: list[SessionKey] = []
-    preloaded: dict[SessionKey, Known] = {}
-    for project in projects:
-        on_disk = list_slugs(project.sessions_dir)
-        summary.seen += len(on_disk)
-        # Alone (no claim), one query tells both the live slugs and what each row holds. Under a
-        # claim, rows are read inside it: a worker may have written them a moment before.
-        if claim is None:
-            rows = store.known(project.id)
-            preloaded.update({SessionKey(project.path, s): k for s, k in rows.items()})
-            live = {s for s, k in rows.items() if not k.deleted}
-        else:
-            live = store.live_slugs(project.id)
-        keys.extend(SessionKey(project.path, s) for s in sorted(set(on_disk) | live))
-    # Batches span projects: fewer, fuller transactions.
-    for i in range(0, len(keys), batch_size):
-        chunk = keys[i : i + batch_size]
-        known = None if claim is not None else {k: preloaded[k] for k in chunk if k in preloaded}
+    for chunk, known in _batches(store, projects, batch_size, summary, preload=claim is None):
         with hold(chunk):
             result = sync_batch(store, refs, chunk, max_bytes, known)
         summary.totals.add(result)
@@ -123,3 +106,32 @@ def reconcile(
     store.mark_reconciled([p.id for p in projects], datetime.now(UTC))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _batches(
+    store: Store, projects: Sequence[ProjectRef], batch_size: int, summary: ReconcileSummary, preload: bool
+) -> Iterator[tuple[list[SessionKey], dict[SessionKey, Known] | None]]:
+    """Every folder on disk and every live row, in batches that span projects (fewer, fuller
+    transactions), listed one project at a time so that only one batch's keys are alive at once.
+
+    With `preload`, one query per project tells both the live slugs and what each row holds, and
+    each batch comes with its rows. Without (under a claim), rows are read inside the claim: a
+    worker may have written them a moment before."""
+    chunk: list[SessionKey] = []
+    known: dict[SessionKey, Known] = {}
+    for project in projects:
+        on_disk = list_slugs(project.sessions_dir)
+        summary.seen += len(on_disk)
+        rows = store.known(project.id) if preload else {}
+        live = {s for s, k in rows.items() if not k.deleted} if preload else store.live_slugs(project.id)
+        for slug in sorted(set(on_disk) | live):
+            key = SessionKey(project.path, slug)
+            chunk.append(key)
+            row = rows.get(slug)
+            if row is not None:
+                known[key] = row
+            if len(chunk) == batch_size:
+                yield chunk, known if preload else None
+                chunk, known = [], {}
+    if chunk:
+        yield chunk, known if preload else None

@@ -49,7 +49,15 @@ _MIRRORED = (
     "updated_at",
     "raw_state",
 )
-_STAT = ("state_hash", "state_size", "state_mtime", "state_mtime_ns", "spec_exists", "plan_exists")
+_STAT = (
+    "state_hash",
+    "state_size",
+    "state_mtime",
+    "state_mtime_ns",
+    "spec_exists",
+    "plan_exists",
+    "dir_mtime_ns",
+)
 # An event row finds its session by key inside the same statement: no id round trip, and one
 # statement text for every batch, so the driver prepares it once.
 _INSERT_EVENT = session_events.insert().from_select(
@@ -160,6 +168,8 @@ class Store:
     def known(self, project_id: int, slugs: Collection[str] | None = None) -> dict[str, Known]:
         """What the database holds for these slugs of a project (all of them when None)."""
         s = sessions.c
+        # Columns in the order of Known's fields: rows are unpacked by position (a reconcile reads
+        # every row, and attribute access per column costs).
         query = select(
             s.slug,
             s.id,
@@ -168,29 +178,16 @@ class Store:
             s.state_hash,
             s.spec_exists,
             s.plan_exists,
-            s.deleted_at,
+            s.deleted_at.is_not(None),
             s.invalid,
             s.current_phase,
             s.status,
+            s.dir_mtime_ns,
         ).where(s.project_id == project_id)
         if slugs is not None:
             query = query.where(s.slug.in_(list(slugs)))
         with self.engine.connect() as conn:
-            return {
-                r.slug: Known(
-                    r.id,
-                    r.state_size,
-                    r.state_mtime_ns,
-                    r.state_hash,
-                    r.spec_exists,
-                    r.plan_exists,
-                    r.deleted_at is not None,
-                    r.invalid,
-                    r.current_phase,
-                    r.status,
-                )
-                for r in conn.execute(query)
-            }
+            return {slug: Known._make(rest) for slug, *rest in conn.execute(query).all()}
 
     def count_live_sessions(self) -> int:
         with self.engine.connect() as conn:
@@ -273,6 +270,7 @@ class Store:
                 ),
                 "spec_exists": probe.spec_exists if probe else False,
                 "plan_exists": probe.plan_exists if probe else False,
+                "dir_mtime_ns": probe.dir_mtime_ns if probe else None,
             }
             if change.action is Action.TOUCH:
                 touch.append({f"b_{k}": v for k, v in {**base, **stat_values}.items()})

@@ -14,7 +14,7 @@ import stat
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from sessionsync.models.keys import SessionKey
 from sessionsync.models.state import InvalidStateError, MappedState, decode_document, map_state
@@ -28,9 +28,11 @@ PLAN_FILE = "plan.json"
 RACY_WINDOW_NS = 1_000_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class Known:
-    """What the database holds for a session, as far as the skip checks and events need it."""
+class Known(NamedTuple):
+    """What the database holds for a session, as far as the skip checks and events need it.
+
+    A tuple of plain values, so that it is built straight from a result row and, holding no
+    containers, drops out of the garbage collector's view: a reconcile keeps one per session."""
 
     id: int
     state_size: int | None
@@ -42,6 +44,7 @@ class Known:
     invalid: bool
     current_phase: str | None
     status: str | None
+    dir_mtime_ns: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,9 @@ class Probe:
     mtime_ns: int | None  # None: too recent to trust for skipping (see RACY_WINDOW_NS)
     spec_exists: bool
     plan_exists: bool
+    # The folder's own mtime, which moves whenever an entry is added, removed or renamed: while it
+    # stands, spec.md and plan.json are as they were and need no check. None when too recent.
+    dir_mtime_ns: int | None
 
 
 class Action(Enum):
@@ -83,13 +89,13 @@ class Verdict(Enum):
     GONE = "gone"  # folder absent, and no live row
 
 
-def session_dir(sessions_dir: str, slug: str) -> str:
-    return os.path.join(sessions_dir, slug)
-
-
 def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int) -> Change | Verdict:
-    """Decide what one session needs, reading state.json only when its stat says it changed."""
-    folder = session_dir(sessions_dir, key.slug)
+    """Decide what one session needs, reading state.json only when its stat says it changed.
+
+    An unchanged session costs two lstat calls (folder and state.json): the folder's mtime stands
+    in for checking spec.md and plan.json."""
+    # Plain concatenation (sessions_dir is normalised): os.path.join costs as much as an lstat here.
+    folder = f"{sessions_dir}/{key.slug}"
     live = known is not None and not known.deleted
     try:
         st = os.lstat(folder)
@@ -103,7 +109,7 @@ def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: 
     if not stat.S_ISDIR(st.st_mode):
         return Change(key, Action.TOMBSTONE) if live else Verdict.GONE
 
-    state_path = os.path.join(folder, STATE_FILE)
+    state_path = f"{folder}/{STATE_FILE}"
     try:
         state_st = os.lstat(state_path)
     except FileNotFoundError:
@@ -115,23 +121,30 @@ def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: 
     if not stat.S_ISREG(state_st.st_mode):
         return _invalid(key, None, "state.json is not a regular file")
 
-    spec = os.path.exists(os.path.join(folder, SPEC_FILE))
-    plan = os.path.exists(os.path.join(folder, PLAN_FILE))
-    if (
+    dir_mtime = _trusted_mtime(st.st_mtime_ns)
+    same_state = (
         live
         and known is not None
         and known.state_mtime_ns == state_st.st_mtime_ns
         and known.state_size == state_st.st_size
-        and (known.spec_exists, known.plan_exists) == (spec, plan)
-    ):
+    )
+    if same_state and known is not None and dir_mtime is not None and known.dir_mtime_ns == dir_mtime:
         return Verdict.UNCHANGED
+    spec = os.path.exists(f"{folder}/{SPEC_FILE}")
+    plan = os.path.exists(f"{folder}/{PLAN_FILE}")
+    if same_state and known is not None and (known.spec_exists, known.plan_exists) == (spec, plan):
+        if dir_mtime is None or dir_mtime == known.dir_mtime_ns:
+            return Verdict.UNCHANGED
+        # Only the folder moved (a scratch file came or went): remember it, so the next pass is cheap.
+        probe = Probe(state_st.st_size, known.state_mtime_ns, spec, plan, dir_mtime)
+        return Change(key, Action.TOUCH, probe, known.state_hash)
 
     try:
         data, size, mtime_ns = _read_limited(state_path, max_bytes)
     except OSError as exc:
         # No probe is kept, so the next event or reconcile tries again.
         return _invalid(key, None, f"cannot read state.json: {exc.strerror or exc}")
-    probe = Probe(size, _trusted_mtime(mtime_ns), spec, plan)
+    probe = Probe(size, _trusted_mtime(mtime_ns), spec, plan, dir_mtime)
     if size > max_bytes:
         digest = f"oversize:{size}:{mtime_ns}"
         if live and known is not None and known.state_hash == digest:

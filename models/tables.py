@@ -116,6 +116,7 @@ class Session(Base):
     state_size: Mapped[int | None] = mapped_column(BigInteger)
     state_mtime: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    dir_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)  # the session folder's (sync.Probe)
     created_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, select
 
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
-from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.migrate import alembic_config, upgrade
 from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
 from sessionsync.models.tables import Base, projects, session_events, sessions
@@ -73,7 +75,7 @@ def test_models_and_migrations_agree(engine: Engine) -> None:
 
 
 def test_upgrade_twice_is_a_no_op(engine: Engine) -> None:
-    assert upgrade(engine) == ("0001", "0001")
+    assert upgrade(engine) == ("0002", "0002")
 
 
 def test_examples_mirror_as_the_readme_says(store: Store, engine: Engine, project: Path) -> None:
@@ -304,6 +306,85 @@ def test_spec_and_plan_presence_follow_the_folder(store: Store, engine: Engine, 
     (project / "agents/sessions/s/plan.json").unlink()
     run(store, project)
     assert row(engine, "s")["plan_exists"] is False
+
+
+def age(path: Path, seconds: float) -> int:
+    """Date `path` `seconds` in the past (past the racy window, so its mtime is trusted); its mtime."""
+    mtime = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+    return mtime
+
+
+def test_an_old_folder_is_trusted_until_an_entry_changes(store: Store, engine: Engine, project: Path) -> None:
+    folder = write_state(project, "s", fixture_doc("v2-spec")).parent
+    age(folder / "state.json", 3600)
+    recorded = age(folder, 3600)
+    run(store, project)
+    assert row(engine, "s")["dir_mtime_ns"] == recorded
+    # A new entry moves the folder's mtime, so the artifacts are looked at again.
+    (folder / "spec.md").write_text("spec")
+    assert run(store, project).totals.written == 1
+    assert row(engine, "s")["spec_exists"] is True
+    assert row(engine, "s")["dir_mtime_ns"] is None  # modified just now: not trusted yet
+    # A scratch file that came and went changes nothing but the folder's mtime: remembered, no event.
+    age(folder, 3600)
+    run(store, project)
+    (folder / "notes.tmp").write_text("x")
+    (folder / "notes.tmp").unlink()
+    moved = age(folder, 1800)
+    before = count(engine, session_events)
+    totals = run(store, project).totals
+    assert (totals.written, totals.touched, count(engine, session_events)) == (0, 1, before)
+    assert row(engine, "s")["dir_mtime_ns"] == moved
+    assert run(store, project).totals.touched == 0
+
+
+def test_a_database_at_0001_upgrades_keeping_its_rows(db_url: str, project: Path) -> None:
+    """0002 adds sessions.dir_mtime_ns to a database that holds rows; the next pass fills it."""
+    folder = write_state(project, "s", fixture_doc("v2-build")).parent
+    age(folder / "state.json", 3600)
+    recorded = age(folder, 3600)
+    engine = make_engine(db_url)
+    try:
+        cfg = alembic_config()
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0001")
+            conn.commit()
+        store = Store(engine)
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            project_id = conn.execute(
+                projects.insert()
+                .values(
+                    host=store.host,
+                    working_dir=str(project),
+                    name="proj",
+                    sessions_dir=str(project / "agents/sessions"),
+                    created_at=now,
+                )
+                .returning(projects.c.id)
+            ).scalar_one()
+            conn.execute(
+                sessions.insert().values(
+                    project_id=project_id,
+                    slug="s",
+                    title="mirrored before 0002",
+                    spec_exists=False,
+                    plan_exists=False,
+                    first_seen_at=now,
+                    synced_at=now,
+                    invalid=False,
+                )
+            )
+        assert upgrade(engine) == ("0001", "0002")
+        mirrored = row(engine, "s")
+        assert (mirrored["title"], mirrored["dir_mtime_ns"]) == ("mirrored before 0002", None)
+        run(store, project)
+        mirrored = row(engine, "s")
+        assert (mirrored["title"], mirrored["dir_mtime_ns"]) == ("Search index rebuild", recorded)
+    finally:
+        engine.dispose()
 
 
 def test_concurrent_reconciles_leave_one_row_per_session(db_url: str, tmp_path: Path) -> None:
