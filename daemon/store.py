@@ -71,7 +71,12 @@ _INSERT_EVENT = session_events.insert().from_select(
         bindparam("e_detail", type_=JSONDoc),
     ).where(sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug")),
 )
-_NOTIFY_ALL = text("SELECT pg_notify(:channel, p) FROM unnest(CAST(:payloads AS text[])) AS p")
+# The payloads travel as one JSON array built by joining them (each is a JSON object already):
+# no per-payload escaping, as a text[] parameter would need. `json` (not jsonb) keeps each
+# element's text as it was.
+_NOTIFY_ALL = text(
+    "SELECT pg_notify(:channel, p::text) FROM json_array_elements(CAST(:payloads AS json)) AS p"
+)
 _STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
 
 
@@ -243,7 +248,10 @@ class Store:
                     # One statement for the whole batch; delivered only if this transaction commits.
                     conn.execute(
                         _NOTIFY_ALL,
-                        {"channel": NOTIFY_CHANNEL, "payloads": [notify_payload(e) for e in result.events]},
+                        {
+                            "channel": NOTIFY_CHANNEL,
+                            "payloads": f"[{','.join(notify_payload(e) for e in result.events)}]",
+                        },
                     )
         return result
 
