@@ -172,10 +172,17 @@ class Store:
 
     def known(self, project_id: int, slugs: Collection[str] | None = None) -> dict[str, Known]:
         """What the database holds for these slugs of a project (all of them when None)."""
+        return self.known_by_project([project_id], slugs)[project_id]
+
+    def known_by_project(
+        self, project_ids: Collection[int], slugs: Collection[str] | None = None
+    ) -> dict[int, dict[str, Known]]:
+        """What the database holds for these projects, by project id and slug, in one query."""
         s = sessions.c
         # Columns in the order of Known's fields: rows are unpacked by position (a reconcile reads
         # every row, and attribute access per column costs).
         query = select(
+            s.project_id,
             s.slug,
             s.id,
             s.state_size,
@@ -188,11 +195,14 @@ class Store:
             s.current_phase,
             s.status,
             s.dir_mtime_ns,
-        ).where(s.project_id == project_id)
+        ).where(s.project_id.in_(list(project_ids)))
         if slugs is not None:
             query = query.where(s.slug.in_(list(slugs)))
+        known: dict[int, dict[str, Known]] = {project_id: {} for project_id in project_ids}
         with self.engine.connect() as conn:
-            return {slug: Known._make(rest) for slug, *rest in conn.execute(query).all()}
+            for project_id, slug, *rest in conn.execute(query).all():
+                known[project_id][slug] = Known._make(rest)
+        return known
 
     def count_live_sessions(self) -> int:
         with self.engine.connect() as conn:

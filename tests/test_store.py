@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
 from sessionsync.daemon.migrate import alembic_config, upgrade
-from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
+from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
 from sessionsync.models.tables import Base, projects, session_events, sessions
 from tests.conftest import fixture_doc, remove_session, write_state
@@ -139,6 +139,20 @@ def test_second_reconcile_with_nothing_changed_writes_nothing(
     assert (summary.totals.written, summary.totals.tombstoned, summary.totals.events) == (0, 0, [])
     after = (count(engine, session_events), row(engine, "a")["synced_at"], row(engine, "b")["synced_at"])
     assert after == before
+
+
+def test_reconcile_spans_more_projects_than_one_preload_group(
+    store: Store, engine: Engine, tmp_path: Path
+) -> None:
+    folders = [tmp_path / f"p{n:02d}" for n in range(PRELOAD_GROUP + 5)]
+    for n, folder in enumerate(folders):
+        write_state(folder, f"s{n}", fixture_doc("v2-build"))
+    assert run(store, *folders).totals.written == len(folders)
+    remove_session(folders[-1], f"s{len(folders) - 1}")  # a project of the second group
+    totals = run(store, *folders).totals
+    assert (totals.written, totals.tombstoned) == (0, 1)
+    assert row(engine, f"s{len(folders) - 1}")["deleted_at"] is not None
+    assert row(engine, "s0")["deleted_at"] is None
 
 
 def test_same_slug_in_two_projects_gives_two_rows(store: Store, engine: Engine, tmp_path: Path) -> None:
