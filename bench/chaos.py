@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import random
@@ -55,6 +54,7 @@ from tests.daemon_harness import (  # noqa: E402
     proxied_url,
     rows,
     url_target,
+    watches_in_use,
 )
 from tests.tcp_proxy import TcpProxy  # noqa: E402
 
@@ -714,7 +714,7 @@ class Chaos:
         need = [1 + sum(1 for _ in os.walk(p / SESSIONS)) for p in projects]
         budget = sum(need[: len(need) // 2])
         with Sysctl("fs.inotify.max_user_watches") as watches:
-            status = self._restart_with(watches, lambda: str(_watches_in_use() + budget))
+            status = self._restart_with(watches, lambda: str(watches_in_use() + budget))
         fallback = sum(w["state"] == "fallback" for w in status.get("watch", []))
         self.out.notes.append(
             f"watch limit: {fallback} of {len(status.get('watch', []))} project(s) fell back"
@@ -809,15 +809,6 @@ _WORKLOAD_LINES = (
     "(project vanished",
     "(sessions folder",
 )
-
-
-def _watches_in_use() -> int:
-    """inotify watches held by every process on the machine (all of them are root's here)."""
-    count = 0
-    for info in glob.glob("/proc/[0-9]*/fdinfo/*"):
-        with contextlib.suppress(OSError):
-            count += Path(info).read_text().count("inotify wd:")
-    return count
 
 
 # -- databases -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
 from sessionsync.daemon.store import ProjectRef, Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
-from sessionsync.daemon.watcher import SessionWatcher
+from sessionsync.daemon.watcher import RESYNC_FALLBACK, SessionWatcher
 from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
@@ -444,7 +444,10 @@ class Service:
         self.registry.remove(sorted(request.forget))
         self.counters["reconciles" if request.projects is None else "resyncs"] += 1
         now = datetime.now(UTC)
-        logger.info("{} ({})", summary.line(), request.reason)
+        # A project without an inotify watch is scanned every half minute: only a scan that
+        # found something is worth a line at INFO.
+        routine = request.reason == RESYNC_FALLBACK and not summary.as_dict()["changed"]
+        logger.log("DEBUG" if routine else "INFO", "{} ({})", summary.line(), request.reason)
         events: list[dict[str, Any]] = [
             {"kind": PROJECT_RESYNCED, "project": r.path, "at": now.isoformat(), "reason": request.reason}
             for r in chosen

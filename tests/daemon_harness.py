@@ -12,7 +12,9 @@ A test that fails inside the `with` gets the end of the daemon's log attached to
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -524,6 +526,15 @@ def converged(
                     f"{key}: {name} is {row[name]!r} in the database, {getattr(want, name)!r} in the file"
                 )
     return Convergence(problems)
+
+
+def watches_in_use() -> int:
+    """inotify watches held by every process on the machine (all of them are root's here)."""
+    count = 0
+    for info in glob.glob("/proc/[0-9]*/fdinfo/*"):
+        with contextlib.suppress(OSError):
+            count += Path(info).read_text().count("inotify wd:")
+    return count
 
 
 class Sysctl:

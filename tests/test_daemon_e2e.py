@@ -28,6 +28,7 @@ from tests.daemon_harness import (
     proxied_url,
     rows,
     url_target,
+    watches_in_use,
 )
 from tests.tcp_proxy import TcpProxy
 
@@ -282,4 +283,40 @@ def test_inotify_overflow_resyncs_and_converges(tmp_path: Path, project: Path) -
             settle(url, [project])
             wait_for(lambda: daemon.status()["counters"]["batches"] > batches, timeout=SETTLE_S)
             assert daemon.status()["counters"]["overflows"] == overflows
+            assert daemon.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_project_without_a_watch_is_scanned_and_only_a_scan_that_found_something_logs(
+    tmp_path: Path,
+) -> None:
+    watched, unwatched = tmp_path / "watched", tmp_path / "unwatched"
+    for project in (watched, unwatched):
+        write_state(project, "s0", doc("before start"))
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    scan_s = 0.2
+    # Watches for one project at most (its sessions folder and one session folder).
+    with Sysctl("fs.inotify.max_user_watches") as watches:
+        watches.set(str(watches_in_use() + 2))
+        with Daemon(
+            tmp_path,
+            url,
+            projects=[watched, unwatched],
+            env={"SESSIONSYNC_TEST_FALLBACK_SCAN_S": str(scan_s)},
+            **FAST,
+        ) as daemon:
+            daemon.wait_ready()
+            wait_for(lambda: "fallback" in {w["state"] for w in daemon.status()["watch"]})
+            watches.restore()
+            daemon.wait_started()
+            settle(url, [watched, unwatched])
+            # Scans that find nothing come and go without a line at INFO.
+            first = daemon.status()["counters"]["resyncs"]
+            wait_for(lambda: daemon.status()["counters"]["resyncs"] >= first + 5, timeout=10)
+            assert daemon.log_count("(periodic scan (no inotify watch))") == 0
+            # The project without a watch still follows its files, and that scan is logged.
+            fallback = next(Path(w["project"]) for w in daemon.status()["watch"] if w["state"] == "fallback")
+            write_state(fallback, "s1", doc("seen by a scan"))
+            settle(url, [watched, unwatched])
+            wait_for(lambda: daemon.log_count("(periodic scan (no inotify watch))") == 1, timeout=5)
             assert daemon.stop() == 0
