@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
+# bench/ itself is on the path: these scripts run as `python bench/<name>.py`.
+from naive import naive_upsert
 from sqlalchemy import Engine, bindparam, create_engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session as OrmSession
@@ -44,8 +47,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from sessionsync.daemon.control.client import request as control_request
-from sessionsync.models.state import map_state
-from sessionsync.models.tables import Base, Project, Session, projects, session_events, sessions
+from sessionsync.models.tables import Base, Project, projects, session_events, sessions
 
 REPO = Path(__file__).resolve().parent.parent
 SESSIONSYNC = REPO / ".venv" / "bin" / "sessionsync"
@@ -668,35 +670,6 @@ def state_path(event: FileSystemEvent) -> str | None:
         return None
     path = os.fsdecode(event.dest_path if event.event_type == "moved" else event.src_path)
     return path if os.path.basename(path) == "state.json" else None
-
-
-def naive_upsert(engine: Engine, project_id: int, path: str) -> str | None:
-    """Read, parse, map, then the ORM's select-by-key and insert or update, and commit.
-    Returns the description it stored, for the benchmark's own bookkeeping."""
-    slug = os.path.basename(os.path.dirname(path))
-    with open(path, "rb") as f:
-        data = f.read()
-    doc = json.loads(data)
-    mapped = map_state(doc)  # the daemon's mapping, so both sides store the same columns
-    now = datetime.now(UTC)
-    values = {
-        **mapped.columns(),
-        "raw_state": doc,
-        "state_size": len(data),
-        "sync_error": "; ".join(mapped.field_errors) or None,
-        "synced_at": now,
-    }
-    with OrmSession(engine) as orm:
-        row = orm.execute(
-            select(Session).where(Session.project_id == project_id, Session.slug == slug)
-        ).scalar_one_or_none()
-        if row is None:
-            orm.add(Session(project_id=project_id, slug=slug, first_seen_at=now, **values))
-        else:
-            for name, value in values.items():
-                setattr(row, name, value)
-        orm.commit()
-    return mapped.description
 
 
 def prepare_naive(url: str, files: Sequence[SessionFile]) -> dict[str, int]:

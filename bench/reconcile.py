@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from loguru import logger
-from sqlalchemy import Engine, create_engine, select, text
+
+# bench/ itself is on the path: these scripts run as `python bench/<name>.py`.
+from naive import naive_upsert
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session as OrmSession
 
@@ -38,7 +41,7 @@ from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.models.state import map_state
-from sessionsync.models.tables import Project, Session
+from sessionsync.models.tables import Project
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_DIRS = (REPO / "tests" / "fixtures" / "state-json", Path("/work/shared/state-json"))
@@ -298,39 +301,10 @@ def floor(tree: Tree) -> None:
 
 
 def naive(engine: Engine, tree: Tree, project_ids: dict[str, int]) -> int:
-    """What a straightforward ORM mirror does: per file read, parse, select, insert or update, commit."""
-    written = 0
+    """What a straightforward ORM mirror does with every file (bench/naive.py)."""
     for path in tree.state_files:
-        folder = os.path.dirname(path)
-        sessions_dir, slug = os.path.split(folder)
-        project_id = project_ids[sessions_dir]
-        with open(path, "rb") as f:
-            data = f.read()
-        doc = json.loads(data)
-        # The same mapping the daemon uses, so both sides write the same column values.
-        mapped = map_state(doc)
-        now = datetime.now(UTC)
-        values = {
-            **mapped.columns(),
-            "raw_state": doc,
-            "state_size": len(data),
-            "spec_exists": os.path.exists(os.path.join(folder, "spec.md")),
-            "plan_exists": os.path.exists(os.path.join(folder, "plan.json")),
-            "sync_error": "; ".join(mapped.field_errors) or None,
-            "synced_at": now,
-        }
-        with OrmSession(engine) as orm:
-            row = orm.execute(
-                select(Session).where(Session.project_id == project_id, Session.slug == slug)
-            ).scalar_one_or_none()
-            if row is None:
-                orm.add(Session(project_id=project_id, slug=slug, first_seen_at=now, **values))
-            else:
-                for name, value in values.items():
-                    setattr(row, name, value)
-            orm.commit()
-        written += 1
-    return written
+        naive_upsert(engine, project_ids[os.path.dirname(os.path.dirname(path))], path)
+    return len(tree.state_files)
 
 
 def naive_database(backend: Backend, tree: Tree) -> tuple[Engine, dict[str, int]]:
