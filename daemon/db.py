@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from sessionsync.daemon.errors import ConfigError
+from sessionsync.models.jsontext import dumps
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -28,7 +29,10 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
         if database and database != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
         engine = create_engine(
-            parsed, hide_parameters=True, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            parsed,
+            hide_parameters=True,
+            json_serializer=dumps,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
@@ -44,6 +48,7 @@ def make_engine(url: str, *, pool_size: int = 4) -> Engine:
             pool_recycle=1800,
             # Parameters are whole state.json documents: keep them out of logs and error messages.
             hide_parameters=True,
+            json_serializer=dumps,
             connect_args={"connect_timeout": 5, "application_name": "sessionsync"},
         )
     raise ConfigError(

@@ -8,10 +8,11 @@ payloads are limited to 8000 bytes).
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+from sessionsync.models.jsontext import dumps
 
 
 class SessionEventKind(StrEnum):
@@ -57,9 +58,9 @@ def session_event(
 
 def notify_payload(event: dict[str, Any]) -> str:
     """Compact JSON for NOTIFY; oversized optional fields are dropped to fit the 8 KB limit."""
-    payload = json.dumps(event, separators=(",", ":"), default=str)
+    payload = dumps(event)
     if len(payload.encode()) <= NOTIFY_LIMIT:
         return payload
     core: dict[str, Any] = {k: event[k] for k in ("kind", "project", "slug", "at") if k in event}
     core["truncated"] = True
-    return json.dumps(core, separators=(",", ":"), default=str)[:NOTIFY_LIMIT]
+    return dumps(core)[:NOTIFY_LIMIT]

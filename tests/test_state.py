@@ -717,6 +717,22 @@ def test_nan_and_infinity_come_back_as_null_everywhere() -> None:
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc
 
 
+@pytest.mark.parametrize(
+    "number",
+    [
+        18446744073709551615,  # the largest orjson reads as an integer
+        18446744073709551616,
+        -9223372036854775809,  # the shortest it would turn into a float
+        123456789012345678901234567890,
+    ],
+)
+def test_integers_beyond_64_bits_stay_exact(number: int) -> None:
+    doc = decode_document(f'{{"n": {number}, "l": [{number}, 1.25]}}'.encode())
+
+    assert doc == {"n": number, "l": [number, 1.25]}
+    assert type(doc["n"]) is int
+
+
 def test_nan_in_a_count_maps_like_null() -> None:
     state = map_state(decode_document(b'{"build_progress": {"checkpoints_total": NaN}}'))
 
