@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import ProjectPath
 from sessionsync.daemon.migrate import upgrade
-from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
+from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.models.state import map_state
 from sessionsync.models.tables import Project
@@ -470,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seconds, tree = timed(build_tree, root / "tree", args.sessions, args.projects)
         progress(f"built {args.sessions:,} sessions in {seconds:.1f} s under {root / 'tree'}")
+        # What `sessionsync reconcile` and the daemon do once set up; the naive loop runs in the
+        # same process state, so both sides get the same garbage collector.
+        freeze_long_lived()
         backends: list[Backend] = []
         if args.db in ("sqlite", "both"):
             backends.append(SqliteBackend(root / "sqlite"))

@@ -41,9 +41,21 @@ def sync_batch(
 ) -> BatchResult:
     """Sync these sessions now; keys of unknown projects are ignored. Transient database errors
     propagate (the caller retries the whole batch); anything else is isolated to its session."""
-    result = BatchResult()
     if known is None:
-        known = _load_known(store, projects, keys)
+        known = load_known(store, projects, keys)
+    result, changes = inspect_batch(projects, keys, max_bytes, known)
+    result.add(write_changes(store, changes, known))
+    return result
+
+
+def inspect_batch(
+    projects: Mapping[str, ProjectRef],
+    keys: Sequence[SessionKey],
+    max_bytes: int,
+    known: Mapping[SessionKey, Known],
+) -> tuple[BatchResult, list[tuple[ProjectRef, Change]]]:
+    """What each session of the batch needs: the changes to write, and the skips counted."""
+    result = BatchResult()
     changes: list[tuple[ProjectRef, Change]] = []
     for key in keys:
         project = projects.get(key.project)
@@ -56,6 +68,14 @@ def sync_batch(
             result.no_state += 1
         elif isinstance(outcome, Change):
             changes.append((project, outcome))
+    return result, changes
+
+
+def write_changes(
+    store: Store, changes: Sequence[tuple[ProjectRef, Change]], known: Mapping[SessionKey, Known]
+) -> WriteResult:
+    """One transaction for the batch; if the database refuses one of its rows, one per session."""
+    result = BatchResult()
     try:
         result.add(store.write(changes, known))
     except Exception as exc:
@@ -65,12 +85,17 @@ def sync_batch(
         # write one by one and let only the refused session carry the error.
         for one in changes:
             result.add(_write_alone(store, one, known))
+    report_invalid(changes)
+    return result
+
+
+def report_invalid(changes: Sequence[tuple[ProjectRef, Change]]) -> None:
+    """A warning for each session whose state.json turned out unreadable (once it is written)."""
     for project, change in changes:
         if change.invalid:
             session_log(project.path, change.key.slug).warning(
                 "state.json is invalid ({}); keeping the last good mirror", change.error
             )
-    return result
 
 
 def _write_alone(
@@ -89,9 +114,10 @@ def _write_alone(
         return store.write([(project, refused)], known)
 
 
-def _load_known(
+def load_known(
     store: Store, projects: Mapping[str, ProjectRef], keys: Sequence[SessionKey]
 ) -> dict[SessionKey, Known]:
+    """What the database holds for these keys, one query per project."""
     by_project: dict[str, list[str]] = defaultdict(list)
     for key in keys:
         by_project[key.project].append(key.slug)

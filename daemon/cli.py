@@ -71,7 +71,7 @@ def cmd_db_upgrade(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     from sessionsync.daemon.discovery import discover, project_at
-    from sessionsync.daemon.reconcile import reconcile, register
+    from sessionsync.daemon.reconcile import freeze_long_lived, reconcile, register
 
     if args.projects:
         found = [project_at(p, cfg.watch.sessions_subdir) for p in args.projects]
@@ -85,6 +85,7 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
         w = cfg.watch
         found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
     store = _open_store(cfg)
+    freeze_long_lived()
     summary = _guard_database(
         lambda: reconcile(
             store, list(register(store, found).values()), cfg.watch.max_state_bytes, cfg.workers.batch_size

@@ -34,7 +34,7 @@ from sessionsync.daemon.errors import AlreadyRunning, ConfigError, SessionSyncEr
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.migrate import upgrade
-from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
+from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
 from sessionsync.daemon.store import ProjectRef, Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
@@ -171,6 +171,7 @@ class Service:
             for ref in self.registry.refs().values():
                 self.watcher.watch(ref.path, ref.sessions_dir)
             self._reconciler.start()
+            freeze_long_lived()
             self._startup_reconcile()
             if self._stop.is_set():
                 return self._shutdown(started)

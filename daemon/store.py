@@ -13,9 +13,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, String, Text, bindparam, delete, func, select, text, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    Dialect,
+    Engine,
+    String,
+    Text,
+    bindparam,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.expression import TextClause, UpdateBase
 
 from sessionsync.daemon.sync import Action, Change, Known
 from sessionsync.models.events import (
@@ -24,6 +38,7 @@ from sessionsync.models.events import (
     notify_payload,
     session_event,
 )
+from sessionsync.models.jsontext import dumps
 from sessionsync.models.keys import SessionKey
 from sessionsync.models.tables import JSONDoc, UTCDateTime, projects, session_events, sessions
 
@@ -78,6 +93,60 @@ _NOTIFY_ALL = text(
     "SELECT pg_notify(:channel, p::text) FROM json_array_elements(CAST(:payloads AS json)) AS p"
 )
 _STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
+_BY_KEY = (sessions.c.project_id == bindparam("b_project_id"), sessions.c.slug == bindparam("b_slug"))
+_TOUCH = update(sessions).where(*_BY_KEY).values({c: bindparam(f"b_{c}") for c in _STAT})
+_TOMBSTONE = (
+    update(sessions)
+    .where(*_BY_KEY, sessions.c.deleted_at.is_(None))
+    .values(deleted_at=bindparam("b_now"), synced_at=bindparam("b_now"))
+)
+
+
+class _Bulk:
+    """A statement with the parameters of many rows, run at once (`executemany`).
+
+    On PostgreSQL it runs as its compiled SQL text with ready parameters (JSON already text),
+    skipping SQLAlchemy's per-row bind processing, which costs more than the server does for
+    these rows; the same text can be sent through a pipeline (daemon/pgpipe.py). The values
+    are what that processing would give: aware UTC times and JSON text, None included (JSON
+    null, as SQLAlchemy's JSON type stores it)."""
+
+    def __init__(
+        self,
+        statement: UpdateBase | TextClause,
+        dialect: Dialect,
+        keys: Sequence[str] | None = None,
+        json_keys: tuple[str, ...] = (),
+    ):
+        self.statement = statement
+        self.json_keys = json_keys
+        self.sql = (
+            str(statement.compile(dialect=dialect, column_keys=None if keys is None else list(keys)))
+            if dialect.name == "postgresql"
+            else None
+        )
+
+    def ready(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows as the driver takes them (JSON columns as text), changed in place."""
+        for row in rows:
+            for key in self.json_keys:
+                row[key] = dumps(row[key])
+        return rows
+
+    def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        if self.sql is None:
+            conn.execute(self.statement, rows)
+        else:
+            conn.exec_driver_sql(self.sql, self.ready(rows))
+
+
+@dataclass
+class WritePlan:
+    """One batch's transaction before it runs: the statements with their rows, and what it will
+    have done once committed (counts and stream events)."""
+
+    steps: list[tuple[_Bulk, list[dict[str, Any]]]]
+    result: WriteResult
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -113,6 +182,22 @@ class Store:
         self.host = host or socket.gethostname()
         self.dialect = engine.dialect.name
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        dialect = engine.dialect
+        self._upsert_valid = self._upsert(_MIRRORED + _STAT + _STATUS)
+        self._upsert_invalid = self._upsert(_STAT + _STATUS)
+        self._touch = _Bulk(_TOUCH, dialect)
+        self._tombstone = _Bulk(_TOMBSTONE, dialect)
+        self._insert_events = _Bulk(_INSERT_EVENT, dialect, json_keys=("e_detail",))
+        self._notify = _Bulk(_NOTIFY_ALL, dialect)
+
+    def _upsert(self, columns: tuple[str, ...]) -> _Bulk:
+        insert = self._insert(sessions)
+        upsert = insert.on_conflict_do_update(
+            index_elements=["project_id", "slug"], set_={c: insert.excluded[c] for c in columns}
+        )
+        keys = ("project_id", "slug", "first_seen_at", *columns)
+        json_keys = tuple(k for k in keys if isinstance(sessions.c[k].type, JSON))
+        return _Bulk(upsert, self.engine.dialect, keys, json_keys)
 
     # -- projects -------------------------------------------------------------------------
 
@@ -243,34 +328,37 @@ class Store:
         now: datetime | None = None,
     ) -> WriteResult:
         """Apply a batch of changes in one transaction; returns counts and committed events."""
-        now = now or datetime.now(UTC)
-        result = WriteResult()
-        if not changes:
-            return result
-        ordered = sorted(changes, key=lambda pc: (pc[0].id, pc[1].key.slug))
-        with self.engine.begin() as conn:
-            self._write_rows(conn, ordered, now, result)
-            events = self._events(ordered, known, now)
-            if events:
-                conn.execute(_INSERT_EVENT, [row for row, _ in events])
-                result.events = [stream for _, stream in events]
-                if self.dialect == "postgresql":
-                    # One statement for the whole batch; delivered only if this transaction commits.
-                    conn.execute(
-                        _NOTIFY_ALL,
-                        {
-                            "channel": NOTIFY_CHANNEL,
-                            "payloads": f"[{','.join(notify_payload(e) for e in result.events)}]",
-                        },
-                    )
-        return result
+        plan = self.plan(changes, known, now)
+        if plan.steps:
+            with self.engine.begin() as conn:
+                for bulk, rows in plan.steps:
+                    bulk.run(conn, rows)
+        return plan.result
 
-    def _write_rows(
+    def plan(
         self,
-        conn: Connection,
-        ordered: Sequence[tuple[ProjectRef, Change]],
-        now: datetime,
-        result: WriteResult,
+        changes: Sequence[tuple[ProjectRef, Change]],
+        known: Mapping[SessionKey, Known],
+        now: datetime | None = None,
+    ) -> WritePlan:
+        """The statements that apply a batch of changes, in key order (so that two writers never
+        deadlock), with the counts and events they stand for."""
+        now = now or datetime.now(UTC)
+        plan = WritePlan([], WriteResult())
+        ordered = sorted(changes, key=lambda pc: (pc[0].id, pc[1].key.slug))
+        self._plan_rows(plan, ordered, now)
+        events = self._events(ordered, known, now)
+        if events:
+            plan.steps.append((self._insert_events, [row for row, _ in events]))
+            plan.result.events = [stream for _, stream in events]
+            if self.dialect == "postgresql":
+                # One statement for the whole batch; delivered only if its transaction commits.
+                payloads = f"[{','.join(notify_payload(e) for e in plan.result.events)}]"
+                plan.steps.append((self._notify, [{"channel": NOTIFY_CHANNEL, "payloads": payloads}]))
+        return plan
+
+    def _plan_rows(
+        self, plan: WritePlan, ordered: Sequence[tuple[ProjectRef, Change]], now: datetime
     ) -> None:
         valid, invalid, touch, tomb = [], [], [], []
         for project, change in ordered:
@@ -320,34 +408,14 @@ class Store:
                         "sync_error_at": now if change.error else None,
                     }
                 )
-        for rows, columns in ((valid, _MIRRORED + _STAT + _STATUS), (invalid, _STAT + _STATUS)):
-            if rows:
-                insert = self._insert(sessions)
-                upsert = insert.on_conflict_do_update(
-                    index_elements=["project_id", "slug"],
-                    set_={c: insert.excluded[c] for c in columns},
-                )
-                conn.execute(upsert, rows)
-        if touch:
-            s = sessions.c
-            conn.execute(
-                update(sessions)
-                .where(s.project_id == bindparam("b_project_id"), s.slug == bindparam("b_slug"))
-                .values({c: bindparam(f"b_{c}") for c in _STAT}),
-                touch,
-            )
-        if tomb:
-            s = sessions.c
-            conn.execute(
-                update(sessions)
-                .where(
-                    s.project_id == bindparam("b_project_id"),
-                    s.slug == bindparam("b_slug"),
-                    s.deleted_at.is_(None),
-                )
-                .values(deleted_at=bindparam("b_now"), synced_at=bindparam("b_now")),
-                tomb,
-            )
+        steps = (
+            (self._upsert_valid, valid),
+            (self._upsert_invalid, invalid),
+            (self._touch, touch),
+            (self._tombstone, tomb),
+        )
+        plan.steps.extend((bulk, rows) for bulk, rows in steps if rows)
+        result = plan.result
         result.written = len(valid) + len(invalid)
         result.invalid = len(invalid)
         result.touched = len(touch)

@@ -24,7 +24,7 @@ from sessionsync.daemon.migrate import alembic_config, upgrade
 from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
 from sessionsync.models.tables import Base, projects, session_events, sessions
-from tests.conftest import fixture_doc, remove_session, write_state
+from tests.conftest import fixture_doc, remove_session, wait_for, write_state
 
 MAX = 1_048_576
 
@@ -252,6 +252,14 @@ def test_bom_nan_and_duplicate_keys_are_accepted(store: Store, engine: Engine, p
     assert nan["raw_state"]["score"] is None and nan["raw_state"]["x"] == [None]
 
 
+def test_integers_beyond_64_bits_are_stored_exactly(store: Store, engine: Engine, project: Path) -> None:
+    # orjson writes neither these nor reads them exactly: both directions fall back to the stdlib.
+    big = 123456789012345678901234567890
+    write_state(project, "big", f'{{"topic": "t", "n": {big}, "l": [-{big}, "Café"]}}')
+    run(store, project)
+    assert row(engine, "big")["raw_state"] == {"topic": "t", "n": big, "l": [-big, "Café"]}
+
+
 def test_wrong_field_type_nulls_only_that_field(store: Store, engine: Engine, project: Path) -> None:
     doc = fixture_doc("v2-build")
     doc["build_progress"]["checkpoints_total"] = "lots"
@@ -444,3 +452,114 @@ def test_purge_removes_only_old_tombstones(store: Store, engine: Engine, project
     assert store.purge_tombstones(timedelta(days=7)) == 1
     with engine.connect() as conn:
         assert sorted(conn.execute(select(sessions.c.slug)).scalars()) == ["live", "new"]
+
+
+# --- the batch writer: a row the database refuses, a connection lost mid-pass ------------------------
+# With three sessions a batch, on PostgreSQL batch N+1 is read while batch N is in the pipeline
+# (daemon/writer.py); these check that a failure there costs nothing but the time to redo it.
+
+REFUSE_POISON = {
+    "postgresql": [
+        """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.title = 'poison' THEN RAISE EXCEPTION 'poison refused'; END IF; RETURN NEW; END $$""",
+        """CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON sessions
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison()""",
+    ],
+    "sqlite": [
+        """CREATE TRIGGER refuse_poison BEFORE INSERT ON sessions WHEN NEW.title = 'poison'
+           BEGIN SELECT RAISE(ABORT, 'poison refused'); END""",
+    ],
+}
+
+
+def created_events(engine: Engine) -> dict[str, int]:
+    query = (
+        select(sessions.c.slug, session_events.c.kind)
+        .join(sessions)
+        .where(session_events.c.kind == "created")
+    )
+    with engine.connect() as conn:
+        slugs = [slug for slug, _ in conn.execute(query)]
+    return {slug: slugs.count(slug) for slug in slugs}
+
+
+def test_a_row_the_database_refuses_costs_only_its_own_session(
+    store: Store, engine: Engine, project: Path
+) -> None:
+    slugs = [f"s{n}" for n in range(9)]
+    for slug in slugs:
+        write_state(project, slug, {**fixture_doc("v2-build"), "topic": "poison" if slug == "s4" else slug})
+    with engine.begin() as conn:
+        for ddl in REFUSE_POISON[engine.dialect.name]:
+            conn.exec_driver_sql(ddl)
+
+    summary = run(store, project)
+
+    assert summary.totals.written == 9
+    refused = row(engine, "s4")
+    assert refused["invalid"] is True
+    assert refused["sync_error"].startswith("the database refused this state")
+    assert "poison refused" in refused["sync_error"]
+    for slug in slugs:
+        if slug != "s4":
+            assert (row(engine, slug)["title"], row(engine, slug)["invalid"]) == (slug, False)
+    assert created_events(engine) == dict.fromkeys(slugs, 1)
+
+
+def terminate_writers(url: str) -> list[int]:
+    """Kill the server side of every sessionsync connection (as a restart or an admin would), and
+    wait until they are gone."""
+    import psycopg
+
+    libpq = url.replace("postgresql+psycopg://", "postgresql://")
+    mine = (
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'sessionsync' AND pid <> pg_backend_pid()"
+    )
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        pids = [pid for (pid,) in conn.execute(mine)]
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: not {pid for (pid,) in conn.execute(mine)} & set(pids))
+    return pids
+
+
+# The first write of the title 'slow' stalls in the server (a sequence counts across rollbacks), so
+# the connection is cut with that batch still uncommitted.
+STALL_ONCE = [
+    "CREATE SEQUENCE stalls",
+    """CREATE FUNCTION stall_once() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN IF NEW.title = 'slow' AND nextval('stalls') = 1 THEN PERFORM pg_sleep(60); END IF;
+       RETURN NEW; END $$""",
+    "CREATE TRIGGER stall_once BEFORE INSERT ON sessions FOR EACH ROW EXECUTE FUNCTION stall_once()",
+]
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_mid_reconcile_is_redone_without_duplicates(pg_url: str, project: Path) -> None:
+    titles = {f"s{n:02}": "slow" if n == 4 else f"s{n:02}" for n in range(12)}
+    for slug, title in titles.items():
+        write_state(project, slug, {**fixture_doc("v2-build"), "topic": title})
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        for ddl in STALL_ONCE:
+            conn.exec_driver_sql(ddl)
+    store = Store(engine)
+    refs = list(register(store, [project_at(str(project), "agents/sessions")]).values())
+    killed: list[int] = []
+
+    def kill_once(_batch: object) -> None:
+        # The first batch is settled; the second (s03-s05) is in the pipeline, stalled at s04.
+        if not killed:
+            killed.extend(terminate_writers(pg_url))
+
+    try:
+        reconcile(store, refs, MAX, batch_size=3, on_batch=kill_once)
+        assert killed
+        assert {r["slug"]: r["title"] for r in store.query_sessions()} == titles
+        assert created_events(engine) == dict.fromkeys(titles, 1)
+        # And the next pass finds nothing to do.
+        again = reconcile(store, refs, MAX, batch_size=3)
+        assert (again.totals.written, again.totals.unchanged + again.totals.touched) == (0, 12)
+    finally:
+        engine.dispose()
