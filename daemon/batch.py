@@ -1,8 +1,8 @@
 """A batch of session keys -> inspect each folder -> one store transaction.
 
-The one write path: live workers, the startup and nightly reconcile and `sessionsync
-reconcile` all come through `sync_batch`, so the skip checks, events and error handling are
-the same whichever way a change is found.
+The one write path: live workers come through `sync_batch`; a reconcile uses its two halves,
+`inspect_batch` and `write_changes` (daemon/writer.py, which on PostgreSQL pipelines them), so
+the skip checks, events and error handling are the same whichever way a change is found.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class _Bulk:
 
     On PostgreSQL it runs as its compiled SQL text with ready parameters (JSON already text),
     skipping SQLAlchemy's per-row bind processing, which costs more than the server does for
-    these rows; the same text can be sent through a pipeline (daemon/pgpipe.py). The values
+    these rows; the same text goes through the reconcile's pipeline (daemon/writer.py). The values
     are what that processing would give: aware UTC times and JSON text, None included (JSON
     null, as SQLAlchemy's JSON type stores it)."""
 

@@ -473,13 +473,9 @@ REFUSE_POISON = {
 
 
 def created_events(engine: Engine) -> dict[str, int]:
-    query = (
-        select(sessions.c.slug, session_events.c.kind)
-        .join(sessions)
-        .where(session_events.c.kind == "created")
-    )
+    query = select(sessions.c.slug).join(session_events).where(session_events.c.kind == "created")
     with engine.connect() as conn:
-        slugs = [slug for slug, _ in conn.execute(query)]
+        slugs = list(conn.execute(query).scalars())
     return {slug: slugs.count(slug) for slug in slugs}
 
 
