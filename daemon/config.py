@@ -1,9 +1,10 @@
 """config.toml + environment -> one frozen, validated Config.
 
-Lookup order: `--config PATH`, `$SESSIONSYNC_CONFIG`, `./config.toml`,
-`$XDG_CONFIG_HOME/sessionsync/config.toml`; built-in defaults fill the rest. Any key can be
-overridden with `SESSIONSYNC_<SECTION>__<KEY>`. Every error names the key, the value and what
-is allowed.
+Lookup order: `--config PATH`, `$SESSIONSYNC_CONFIG`, `$XDG_CONFIG_HOME/sessionsync/config.toml`,
+`/etc/sessionsync/config.toml`; built-in defaults fill the rest. The current folder is never
+searched: hooks and `sessionsync sync` run inside project folders, which may hold an unrelated
+`config.toml`. Any key can be overridden with `SESSIONSYNC_<SECTION>__<KEY>`. Every error names
+the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sessionsync.daemon.dburl import check_url, mask_url
 from sessionsync.daemon.errors import ConfigError
 
 ENV_PREFIX = "SESSIONSYNC_"
+SYSTEM_CONFIG = Path("/etc/sessionsync/config.toml")
 
 
 class _Section(BaseModel):
@@ -30,6 +33,13 @@ class _Section(BaseModel):
 class DatabaseConfig(_Section):
     url: str = ""
     auto_migrate: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if url:
+            check_url(url)  # what the daemon would refuse, refused when the file is read
+        return url
 
 
 class WatchConfig(_Section):
@@ -111,6 +121,7 @@ class LogConfig(_Section):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["text", "json"] = "text"
     file: str = ""
+    sql: bool = False  # SQL statements in the log at DEBUG; off, they drown the daemon's own lines
 
     @field_validator("level", mode="before")
     @classmethod
@@ -157,7 +168,9 @@ _SECTIONS: dict[str, type[_Section]] = {
 }
 
 
-def find_config_file(explicit: str | None, env: Mapping[str, str], cwd: Path) -> Path | None:
+def find_config_file(
+    explicit: str | None, env: Mapping[str, str], system_file: Path = SYSTEM_CONFIG
+) -> Path | None:
     """The first config file in the lookup order; an explicitly named one must exist."""
     if explicit:
         path = Path(explicit).expanduser()
@@ -172,8 +185,10 @@ def find_config_file(explicit: str | None, env: Mapping[str, str], cwd: Path) ->
                 "fix or unset SESSIONSYNC_CONFIG",
             )
         return path
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    for candidate in (cwd / "config.toml", Path(xdg) / "sessionsync" / "config.toml"):
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(xdg):  # the XDG spec: relative (or empty) means unset
+        xdg = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+    for candidate in (Path(xdg) / "sessionsync" / "config.toml", system_file):
         if _is_file(candidate):
             return candidate
     return None
@@ -191,11 +206,11 @@ def _is_file(path: Path) -> bool:
 
 
 def load_config(
-    explicit: str | None = None, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    explicit: str | None = None, env: Mapping[str, str] | None = None, system_file: Path = SYSTEM_CONFIG
 ) -> Config:
     """Read, overlay the environment, validate. Raises ConfigError naming what is wrong."""
     env = os.environ if env is None else env
-    path = find_config_file(explicit, env, cwd or Path.cwd())
+    path = find_config_file(explicit, env, system_file)
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -268,6 +283,8 @@ def _describe(exc: ValidationError, origins: Mapping[tuple[str, str], str]) -> s
         name = f"[{section}] {key}" if key else f"[{section}]"
         message = str(error["msg"]).removeprefix("Value error, ")
         got = error.get("input")
+        if (section, key) == ("database", "url") and isinstance(got, str):
+            got = mask_url(got)
         shown = f" = {got!r}" if got is not None and not isinstance(got, dict) else ""
         lines.append(f"{name}{shown} ({origin or 'default'}): {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -56,18 +56,17 @@ def test_repository_config_documents_every_key() -> None:
 # -- lookup order -----------------------------------------------------------------------------
 
 
-def test_lookup_order_explicit_then_env_then_cwd_then_xdg_then_defaults(tmp_path: Path) -> None:
+def test_lookup_order_explicit_then_env_then_xdg_then_etc_then_defaults(tmp_path: Path) -> None:
     explicit = _write(tmp_path / "explicit.toml", "[workers]\nthreads = 1\n")
     from_env = _write(tmp_path / "from-env.toml", "[workers]\nthreads = 2\n")
-    cwd = tmp_path / "cwd"
-    in_cwd = _write(cwd / "config.toml", "[workers]\nthreads = 3\n")
     xdg = tmp_path / "xdg"
-    in_xdg = _write(xdg / "sessionsync" / "config.toml", "[workers]\nthreads = 4\n")
-    env = {"SESSIONSYNC_CONFIG": str(from_env), "XDG_CONFIG_HOME": str(xdg)}
+    in_xdg = _write(xdg / "sessionsync" / "config.toml", "[workers]\nthreads = 3\n")
+    in_etc = _write(tmp_path / "etc" / "sessionsync" / "config.toml", "[workers]\nthreads = 4\n")
+    env = {"SESSIONSYNC_CONFIG": str(from_env), "XDG_CONFIG_HOME": str(xdg), "HOME": str(tmp_path)}
 
-    steps = [(explicit, 1), (from_env, 2), (in_cwd, 3), (in_xdg, 4)]
+    steps = [(explicit, 1), (from_env, 2), (in_xdg, 3), (in_etc, 4)]
     for path, threads in steps:
-        cfg = load_config(str(explicit) if path == explicit else None, env, cwd)
+        cfg = load_config(str(explicit) if path == explicit else None, env, in_etc)
         assert (cfg.source, cfg.workers.threads) == (path, threads)
         # Take away this step, so the next one in the order is the first that matches.
         if path == from_env:
@@ -75,9 +74,24 @@ def test_lookup_order_explicit_then_env_then_cwd_then_xdg_then_defaults(tmp_path
         elif path != explicit:
             path.unlink()
 
-    cfg = load_config(None, env, cwd)
+    cfg = load_config(None, env, in_etc)
     assert cfg.source is None
     assert cfg == Config()
+
+
+def test_without_xdg_config_home_the_file_under_home_is_found(tmp_path: Path) -> None:
+    in_home = _write(tmp_path / ".config" / "sessionsync" / "config.toml", "[workers]\nthreads = 5\n")
+    for xdg in ("", "relative/ignored"):  # the XDG spec: empty or relative means unset
+        cfg = load_config(None, {"HOME": str(tmp_path), "XDG_CONFIG_HOME": xdg}, tmp_path / "no-etc")
+        assert (cfg.source, cfg.workers.threads) == (in_home, 5)
+
+
+def test_the_current_folder_is_never_searched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A project folder (where hooks run) may hold an unrelated config.toml, a Hugo site's say.
+    _write(tmp_path / "project" / "config.toml", '[site]\ntitle = "not ours"\n')
+    monkeypatch.chdir(tmp_path / "project")
+    cfg = load_config(None, {"HOME": str(tmp_path / "home")}, tmp_path / "no-etc")
+    assert cfg.source is None
 
 
 def test_a_file_sets_some_keys_and_defaults_fill_the_rest(tmp_path: Path) -> None:
