@@ -7,9 +7,11 @@ the skip checks, events and error handling are the same whichever way a change i
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
@@ -90,12 +92,21 @@ def write_changes(
 
 
 def report_invalid(changes: Sequence[tuple[ProjectRef, Change]]) -> None:
-    """A warning for each session whose state.json turned out unreadable (once it is written)."""
+    """A warning for each session whose state.json turned out unreadable or to have fields of the
+    wrong type, once it is written: a content is written once, so this is once per content."""
     for project, change in changes:
+        if not change.error or change.action is not Action.WRITE:
+            continue
+        say = session_log(project.path, change.key.slug, folder_of(project, change.key.slug))
         if change.invalid:
-            session_log(project.path, change.key.slug).warning(
-                "state.json is invalid ({}); keeping the last good mirror", change.error
-            )
+            say.warning("state.json is invalid ({}); keeping the last good mirror", change.error)
+        else:
+            say.warning("state.json has fields of the wrong type, stored as NULL: {}", change.error)
+
+
+def folder_of(project: ProjectRef, slug: str) -> str:
+    """The session's folder, as logs, `errors`, `sync` and the event stream name it."""
+    return os.path.join(project.sessions_dir, slug)
 
 
 def _write_alone(
@@ -109,7 +120,7 @@ def _write_alone(
             raise
         cause = getattr(exc, "orig", None) or exc
         reason = f"the database refused this state ({type(cause).__name__}: {cause})"
-        session_log(project.path, change.key.slug).error("{}", reason)
+        session_log(project.path, change.key.slug, folder_of(project, change.key.slug)).error("{}", reason)
         refused = Change(change.key, Action.WRITE, change.probe, change.state_hash, None, None, reason[:2000])
         return store.write([(project, refused)], known)
 
@@ -128,3 +139,27 @@ def load_known(
             for slug, row in store.known(project.id, slugs).items():
                 known[SessionKey(path, slug)] = row
     return known
+
+
+# How each committed change reads in the log; `session.invalid` is the warning report_invalid
+# gave when the content was written.
+_STORY = {
+    "session.created": ("INFO", "session created, phase {to}"),
+    "session.deleted": ("INFO", "session deleted: its folder or state.json is gone; row tombstoned"),
+    "session.restored": ("INFO", "session restored: its state.json is back"),
+    "session.phase_changed": ("INFO", "phase {from} -> {to}"),
+    "session.status_changed": ("INFO", "status {from} -> {to}"),
+    "session.recovered": ("INFO", "state.json is valid again; mirrored"),
+    "session.updated": ("DEBUG", "updated"),
+}
+
+
+def log_changes(events: Sequence[Mapping[str, Any]]) -> None:
+    """One line per committed change of a session, naming its folder: a session's story."""
+    for event in events:
+        story = _STORY.get(event["kind"])
+        if story is None:
+            continue
+        level, text = story
+        say = session_log(event["project"], event["slug"], event["path"])
+        say.log(level, text.format_map({"from": event.get("from") or "-", "to": event.get("to") or "-"}))

@@ -8,44 +8,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from sessionsync.daemon.config import Config, load_config
-from sessionsync.daemon.errors import ProjectNotFound, SessionSyncError, UsageError
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+from sessionsync.daemon.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PIPE,
+    ConfigError,
+    DatabaseUnavailable,
+    ProjectNotFound,
+    SessionSyncError,
+    UsageError,
+)
+from sessionsync.daemon.version import version
 
 Command = Callable[[argparse.Namespace, Config], int]
 
 
-def _open_store(cfg: Config, migrate: bool | None = None) -> Any:
+def _open_store(cfg: Config) -> Any:
     from sessionsync.daemon.db import make_engine
     from sessionsync.daemon.migrate import upgrade
     from sessionsync.daemon.store import Store
 
-    engine = make_engine(cfg.database_url())
-    if cfg.database.auto_migrate if migrate is None else migrate:
+    engine = make_engine(cfg.database_url(), own_folder=not cfg.database.url)
+    if cfg.database.auto_migrate:
         _guard_database(lambda: upgrade(engine), cfg)
-    return Store(engine)
+    store = Store(engine)
+    _guard_database(store.check_schema, cfg)
+    return store
 
 
 def _guard_database(action: Callable[[], Any], cfg: Config) -> Any:
     """Run a database action, turning an unreachable database into DatabaseUnavailable."""
     from sqlalchemy import exc as sa_exc
 
-    from sessionsync.daemon.errors import DatabaseUnavailable
+    from sessionsync.daemon.dburl import mask_url
     from sessionsync.daemon.logs import mask_secrets
 
+    url = cfg.database_url()
     try:
         return action()
     except sa_exc.OperationalError as exc:
+        sqlite = url.startswith("sqlite")
+        hint = (
+            "check that the file's folder exists and is writable, and that no other program holds it locked"
+            if sqlite
+            else "check [database] url and that the server is running"
+        )
         raise DatabaseUnavailable(
-            f"cannot use the database {mask_secrets(cfg.database_url())}: {mask_secrets(str(exc.orig))}",
-            "check [database] url and that the server is running",
+            f"cannot use the database {mask_url(url)}: {mask_secrets(str(exc.orig))}", hint
         ) from None
 
 
@@ -56,12 +72,12 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace, cfg: Config) -> int:
     from sessionsync.daemon.db import make_engine
-    from sessionsync.daemon.logs import mask_secrets
+    from sessionsync.daemon.dburl import mask_url
     from sessionsync.daemon.migrate import upgrade
 
-    engine = make_engine(cfg.database_url())
+    engine = make_engine(cfg.database_url(), own_folder=not cfg.database.url)
     before, after = _guard_database(lambda: upgrade(engine), cfg)
-    url = mask_secrets(cfg.database_url())
+    url = mask_url(cfg.database_url())
     if before == after:
         print(f"database {url} is up to date (revision {after})")
     else:
@@ -97,10 +113,13 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace, cfg: Config) -> int:
-    import os
-
     store = _open_store(cfg)
     project = os.path.realpath(args.project) if args.project else None
+    if project is not None and project not in {r.path for r in _guard_database(store.known_projects, cfg)}:
+        raise ProjectNotFound(
+            f"no project {args.project} in the mirror",
+            "name a project folder the daemon mirrors (see `sessionsync status`), or leave out --project",
+        )
     rows = _guard_database(lambda: store.query_sessions(project, args.phase, args.status), cfg)
     if args.json:
         for row in rows:
@@ -122,7 +141,7 @@ def cmd_sessions(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from sessionsync.daemon.service import run_daemon
 
-    return run_daemon(args.config)
+    return run_daemon(cfg, args.config)
 
 
 def _ask(cfg: Config, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -132,29 +151,19 @@ def _ask(cfg: Config, payload: dict[str, Any], timeout: float = 10.0) -> dict[st
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    from sessionsync.daemon.status import render_status
+
     status = _ask(cfg, {"cmd": "status"})
     if args.json:
         print(json.dumps(status, indent=2))
         return EXIT_OK
-    db = "ok" if status["database_ok"] else f"DOWN ({status['database'].get('last_error')})"
-    print(
-        f"sessionsync pid {status['pid']}, up {status['uptime_s']} s{'  PAUSED' if status['paused'] else ''}"
-    )
-    print(f"  database      {status['database']['url']}: {db}")
-    print(f"  projects      {status['projects']}, sessions {status['sessions']}, pending {status['pending']}")
-    print(f"  last reconcile {status['last_reconcile_at'] or 'never'}")
-    for watch in status["watch"]:
-        print(f"  watch {watch['state']:<9} {watch['project']}")
-    counters = ", ".join(f"{k} {v}" for k, v in sorted(status["counters"].items()))
-    print(f"  counters      {counters}")
-    for error in status["recent_errors"][-5:]:
-        print(f"  {error['level'].lower():<8} {error['at']}  {error['message']}")
+    client = str(cfg.source) if cfg.source else None
+    for line in render_status(status, client_config=client, home=os.environ.get("HOME", "")):
+        print(line)
     return EXIT_OK
 
 
 def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
-    import os
-
     if bool(args.projects) == bool(args.all):
         raise UsageError("name one or more project folders, or --all", "e.g. sessionsync resync ~/code/app")
     payload: dict[str, Any] = {"cmd": "resync", "wait": args.wait}
@@ -174,11 +183,9 @@ def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
-    import os
-
     result = _ask(cfg, {"cmd": "sync", "path": os.path.abspath(args.session_dir)})
     state = "written" if result["written"] else "invalid" if result["invalid"] else "unchanged"
-    print(f"{result['project']}/{result['slug']}: {state}")
+    print(f"{result['path']}: {state}")
     return EXIT_OK
 
 
@@ -202,9 +209,10 @@ def cmd_errors(args: argparse.Namespace, cfg: Config) -> int:
             print(json.dumps(row))
         return EXIT_OK
     if not rows:
-        print("no invalid sessions")
+        print("no invalid sessions and no field problems")
     for row in rows:
-        print(f"{row['project']}/{row['slug']}: {row['sync_error']}")
+        what = "invalid" if row["kind"] == "invalid" else "field problems"
+        print(f"{row['path']}: {what}: {row['sync_error']}")
     if result["more"]:
         print(f"... and {result['more']} more")
     return EXIT_OK
@@ -226,16 +234,27 @@ def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _event_line(event: dict[str, Any]) -> str:
-    where = f"{event['project']}/{event['slug']}" if "slug" in event else event.get("project", "")
-    change = f" {event['from']} -> {event['to']}" if "from" in event else ""
-    reason = f" ({event['reason']})" if "reason" in event else ""
+    """One readable line: time, kind, the session folder (or project), and what changed."""
+    where = event.get("path") or event.get("project") or ""
+    old, new = event.get("from"), event.get("to")
+    if old is not None and new is not None:
+        change = f" {old} -> {new}"
+    elif new is not None or old is not None:
+        change = f" {new if new is not None else old}"
+    else:
+        change = ""
+    reason = f" ({event['reason']})" if event.get("reason") else ""
     return f"{event.get('at', '')}  {event['kind']:<22} {where}{change}{reason}".rstrip()
 
 
 def cmd_install_unit(args: argparse.Namespace, cfg: Config) -> int:
     from sessionsync.daemon.unit import install_unit
 
-    path, commands = install_unit("system" if args.system else "user")
+    # A file found through XDG_CONFIG_HOME or /etc the daemon finds by itself; one named on the
+    # command line or in $SESSIONSYNC_CONFIG (which the service does not inherit) goes into ExecStart.
+    named = args.config or os.environ.get("SESSIONSYNC_CONFIG")
+    config = str(cfg.source.absolute()) if named and cfg.source else None
+    path, commands = install_unit("system" if args.system else "user", config=config)
     print(f"wrote {path}")
     print("now run:")
     for command in commands:
@@ -244,81 +263,112 @@ def cmd_install_unit(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _is_dir(path: str) -> bool:
-    import os
-
     return os.path.isdir(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sessionsync", description="Mirror agent session folders into a SQL database."
+        prog="sessionsync",
+        description="Mirror coding-agent session folders (state.json) into a SQL database, live.",
+        epilog="Run 'sessionsync COMMAND --help' for a command's options.",
     )
+    config_help = (
+        "the config file; default: $SESSIONSYNC_CONFIG, else $XDG_CONFIG_HOME/sessionsync/config.toml, "
+        "else /etc/sessionsync/config.toml, else built-in defaults"
+    )
+    parser.add_argument("--config", metavar="PATH", default=None, help=config_help)
+    parser.add_argument("--version", action="version", version=f"sessionsync {version()}")
+    # The same option after the command. SUPPRESS: a subcommand without it keeps the value given
+    # before the command instead of resetting it (`sessionsync --config X db upgrade`).
     common = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: without it a nested subparser (`db --config X upgrade`) resets config to None.
-    common.add_argument(
-        "--config",
-        metavar="PATH",
-        default=argparse.SUPPRESS,
-        help="config file (default: lookup order in README)",
-    )
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
-    p.set_defaults(func=cmd_run)
+    def command(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("status", parents=[common], help="the running daemon's state")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
+    json_help = "one JSON object per line (status: one indented object)"
+    command("run", cmd_run, "run the daemon in the foreground (what systemd starts)")
 
-    p = sub.add_parser("resync", parents=[common], help="ask the daemon to rescan projects")
-    p.add_argument("projects", nargs="*", metavar="PROJECT")
-    p.add_argument("--all", action="store_true", help="rediscover and reconcile every project")
+    p = command("status", cmd_status, "the running daemon's state")
+    p.add_argument("--json", action="store_true", help="the whole status reply as JSON")
+
+    p = command("resync", cmd_resync, "ask the daemon to rescan projects")
+    p.add_argument("projects", nargs="*", metavar="PROJECT", help="a project folder the daemon mirrors")
+    p.add_argument("--all", action="store_true", help="rediscover projects and reconcile every one")
     p.add_argument("--wait", action="store_true", help="reply after the changes are committed")
-    p.set_defaults(func=cmd_resync)
 
-    p = sub.add_parser("sync", parents=[common], help="ask the daemon to sync one session now")
-    p.add_argument("session_dir", metavar="SESSION_DIR")
-    p.set_defaults(func=cmd_sync)
+    p = command("sync", cmd_sync, "ask the daemon to sync one session now (a hook can call it)")
+    p.add_argument(
+        "session_dir", metavar="SESSION_DIR", help="the session folder, <project>/agents/sessions/<slug>"
+    )
 
-    p = sub.add_parser("watch", parents=[common], help="follow the change-event stream")
+    p = command("watch", cmd_watch, "follow the change-event stream")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
-    p.set_defaults(func=cmd_watch)
 
-    p = sub.add_parser("pause", parents=[common], help="hold database writes (changes stay queued)")
-    p.set_defaults(func=cmd_pause)
-    p = sub.add_parser("resume", parents=[common], help="let held writes go")
-    p.set_defaults(func=cmd_resume)
+    command("pause", cmd_pause, "hold database writes (changes stay queued)")
+    command("resume", cmd_resume, "let held writes go")
 
-    p = sub.add_parser("errors", parents=[common], help="sessions whose state.json is invalid, and why")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_errors)
+    p = command("errors", cmd_errors, "sessions whose state.json is invalid or has field problems, and why")
+    p.add_argument("--json", action="store_true", help=json_help)
 
-    p = sub.add_parser("install-unit", parents=[common], help="write the systemd unit for this install")
+    p = command("install-unit", cmd_install_unit, "write the systemd unit for this install")
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--user", action="store_true", help="a user unit (default)")
+    kind.add_argument("--user", action="store_true", help="a user unit, ~/.config/systemd/user (default)")
     kind.add_argument("--system", action="store_true", help="the system template sessionsync@USER")
-    p.set_defaults(func=cmd_install_unit)
 
-    p = sub.add_parser("reconcile", parents=[common], help="one full reconcile, no daemon needed")
+    p = command("reconcile", cmd_reconcile, "one full reconcile, no daemon needed; prints a summary")
     p.add_argument("projects", nargs="*", metavar="PROJECT", help="project folders (default: discover)")
-    p.set_defaults(func=cmd_reconcile)
 
-    p = sub.add_parser("sessions", parents=[common], help="list sessions from the database")
-    p.add_argument("--project", metavar="P")
-    p.add_argument("--phase", metavar="X")
-    p.add_argument("--status", metavar="Y")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_sessions)
+    p = command("sessions", cmd_sessions, "list sessions from the database")
+    p.add_argument("--project", metavar="FOLDER", help="only the sessions of this project folder")
+    p.add_argument(
+        "--phase", metavar="PHASE", help="only sessions in this phase (spec, plan, build, docs, ...)"
+    )
+    p.add_argument("--status", metavar="STATUS", help="only sessions with this status (active, failed, ...)")
+    p.add_argument("--json", action="store_true", help=json_help)
 
-    p = sub.add_parser("db", parents=[common], help="database maintenance")
+    p = command("db", _no_action, "database maintenance")
     db_sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
-    db_sub.add_parser("upgrade", parents=[common], help="apply schema migrations").set_defaults(
+    upgrade_help = "apply schema migrations"
+    db_sub.add_parser("upgrade", parents=[common], help=upgrade_help, description=upgrade_help).set_defaults(
         func=cmd_db_upgrade
     )
 
-    p = sub.add_parser("check-config", parents=[common], help="validate the configuration")
-    p.set_defaults(func=cmd_check_config)
+    command("check-config", cmd_check_config, "validate the configuration, as `run` would")
     return parser
+
+
+def _no_action(args: argparse.Namespace, cfg: Config) -> int:
+    raise UsageError("name an action", "e.g. sessionsync db upgrade")
+
+
+# Commands answered by the running daemon: a broken config file must not stop them from
+# reaching it (the daemon keeps the configuration it started with).
+_CLIENT_COMMANDS = {cmd_status, cmd_resync, cmd_sync, cmd_watch, cmd_pause, cmd_resume, cmd_errors}
+
+
+def _client_config(explicit: str | None, error: ConfigError) -> Config:
+    """The config a client command falls back on when the file is broken: its socket setting if
+    that much can be read, the defaults for the rest. The error is still reported."""
+    import tomllib
+
+    from sessionsync.daemon.config import ControlConfig, find_config_file
+
+    path = find_config_file(explicit, os.environ)  # a file named but missing is still an error
+    print(f"sessionsync: warning: {error}", file=sys.stderr)
+    socket = os.environ.get("SESSIONSYNC_CONTROL__SOCKET", "")
+    if not socket:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8")) if path else {}
+            value = data.get("control", {}).get("socket", "")
+            socket = value if isinstance(value, str) else ""
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+            socket = ""
+    print("sessionsync: asking the running daemon anyway", file=sys.stderr)
+    return Config.model_construct(control=ControlConfig.model_construct(socket=socket))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -329,14 +379,27 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help and --version
         return int(exc.code or 0)
+    func: Command = args.func
     try:
-        cfg = load_config(getattr(args, "config", None))
-        func: Command = args.func
-        return func(args, cfg)
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            if func not in _CLIENT_COMMANDS:
+                raise
+            cfg = _client_config(args.config, exc)
+        code = func(args, cfg)
+        sys.stdout.flush()
+        return code
     except SessionSyncError as exc:
         print(f"sessionsync: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`sessionsync status | head -1`): stop quietly, as cat would. Point
+        # stdout at /dev/null so the interpreter's own flush at exit does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

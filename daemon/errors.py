@@ -7,19 +7,26 @@
         ├── DaemonNotRunning    no daemon answers on the control socket
         ├── AlreadyRunning      another daemon holds the single-instance lock
         ├── DatabaseUnavailable the database cannot be reached or used
+        │   └── SchemaMissing   reachable, but its tables were never created
         ├── ProjectNotFound     a requested project is not known
         └── ControlError        the daemon answered a control request with an error
 
-Only `cli.py` turns these into exit codes.
+Only `cli.py` turns these into exit codes; every exit code is named here.
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # operational: daemon not running, database unreachable, unknown project
+EXIT_USAGE = 2  # bad arguments or configuration; systemd's RestartPreventExitStatus=2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+EXIT_PIPE = 141  # the reader of our output went away, as a shell reports SIGPIPE
 
 
 class SessionSyncError(Exception):
     """Base of every error sessionsync reports to a user."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)
@@ -31,15 +38,15 @@ class SessionSyncError(Exception):
 
 
 class UsageError(SessionSyncError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(SessionSyncError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class OperationalError(SessionSyncError):
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class DaemonNotRunning(OperationalError):
@@ -51,6 +58,10 @@ class AlreadyRunning(OperationalError):
 
 
 class DatabaseUnavailable(OperationalError):
+    pass
+
+
+class SchemaMissing(DatabaseUnavailable):
     pass
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 from loguru import logger
 
 from sessionsync.daemon.errors import ConfigError
+from sessionsync.daemon.paths import shown_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -40,14 +41,18 @@ _LINE_KEY = "_sessionsync_line"
 # The stdlib logger name of an intercepted record ("sqlalchemy.engine.Engine").
 _STDLIB_KEY = "_sessionsync_stdlib_logger"
 
-# Loggers that narrate every statement or job run at INFO; quiet unless the level is DEBUG or lower.
-# At DEBUG sqlalchemy.engine gets INFO (statements) rather than DEBUG (result rows: whole documents).
+# Libraries that narrate every statement, job run, pool checkout or inotify event: their
+# warnings only, whatever our level, so that at DEBUG the daemon's own lines are not drowned.
+# SQL statements come back with `log.sql = true` (at INFO: statements, never result rows, which
+# are whole documents).
 _CHATTY_LOGGERS = (
-    "sqlalchemy.engine",
-    "apscheduler.executors",
-    "apscheduler.scheduler",
-    "alembic.runtime.migration",
+    "sqlalchemy",
+    "apscheduler",
+    "alembic",
+    "watchdog",
+    "tzlocal",
 )
+_SQL_LOGGER = "sqlalchemy.engine"
 
 _URL_PASSWORD = re.compile(r"(?P<head>://[^\s:/?#@]*:)(?P<secret>[^\s/?#]+)(?=@)")
 _KV_PASSWORD = re.compile(
@@ -69,9 +74,9 @@ def _mask_value(match: re.Match[str]) -> str:
     return f"{match['head']}{quote}***{quote}"
 
 
-def session_log(project: str, slug: str) -> Logger:
-    """A logger whose lines name the session, so `journalctl | grep <slug>` tells its story."""
-    return logger.bind(project=project, slug=slug)
+def session_log(project: str, slug: str, folder: str) -> Logger:
+    """A logger whose lines name the session folder, so `journalctl | grep <slug>` tells its story."""
+    return logger.bind(project=project, slug=slug, session=folder)
 
 
 def _priority(levelno: int) -> int:
@@ -113,20 +118,15 @@ class _Style:
         return f"{text}\n{exception}" if exception else text
 
     def _where(self, record: Record) -> str:
-        """`[~/code/app/fix-login] `: the project path (home as "~") and the slug, when bound.
+        """`[~/code/app/agents/sessions/fix-login] `: the session folder (home as "~"), or the
+        project's when the line is about a project.
 
         The whole path, not its last component: two checkouts named `app` are common on one
         machine, and a log that cannot tell them apart cannot tell a session's story.
         """
-        project = record["extra"].get("project")
-        slug = record["extra"].get("slug")
-        if project is None and slug is None:
-            return ""
-        shown = str(project) if project is not None else ""
-        if self.home and (shown == self.home or shown.startswith(self.home + "/")):
-            shown = "~" + shown[len(self.home) :]
-        parts = [part for part in (shown, "" if slug is None else str(slug)) if part]
-        return "[" + "/".join(parts) + "] "
+        extra = record["extra"]
+        where = extra.get("session") or extra.get("project")
+        return f"[{shown_path(str(where), self.home)}] " if where else ""
 
 
 def _timestamp(record: Record) -> str:
@@ -162,7 +162,7 @@ def _json_fields(record: Record, exception: str) -> dict[str, str]:
         "logger": _logger_name(record),
         "message": record["message"],
     }
-    for key in ("project", "slug"):
+    for key in ("project", "slug", "session"):
         if key in record["extra"]:
             fields[key] = str(record["extra"][key])
     if exception:
@@ -203,6 +203,7 @@ class _State:
     # Starts as loguru's own stderr sink (id 0), which the first set-up replaces like any other.
     handler_ids: list[int] = field(default_factory=lambda: [0])
     install: Callable[[int], list[int]] | None = None
+    sql: bool = False
 
 
 _state = _State()
@@ -231,18 +232,18 @@ def _is_journal_stream(stream: TextIO, env: Mapping[str, str]) -> bool:
         return False
 
 
-def _configure_stdlib(levelno: int) -> None:
+def _configure_stdlib(levelno: int, sql: bool) -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _InterceptHandler)]:
         root.removeHandler(handler)
     root.addHandler(_InterceptHandler())
     root.setLevel(levelno)
-    quiet = logging.INFO if levelno <= logging.DEBUG else logging.WARNING
     for name in _CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(quiet)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(_SQL_LOGGER).setLevel(logging.INFO if sql else logging.WARNING)
 
 
-def _swap(install: Callable[[int], list[int]] | None, levelno: int) -> None:
+def _swap(install: Callable[[int], list[int]] | None, levelno: int, sql: bool | None = None) -> None:
     """Install new sinks (or the last ones again), then remove the old: a reload never drops a line.
 
     If the new sinks cannot be installed (a log file that cannot be opened) the old ones stay.
@@ -257,7 +258,9 @@ def _swap(install: Callable[[int], list[int]] | None, levelno: int) -> None:
                 logger.remove(handler_id)
         _state.handler_ids = new_ids
         _state.install = install
-        _configure_stdlib(levelno)
+        if sql is not None:
+            _state.sql = sql
+        _configure_stdlib(levelno, _state.sql)
 
 
 def setup_logging(
@@ -266,8 +269,10 @@ def setup_logging(
     file: str = "",
     env: Mapping[str, str] | None = None,
     stream: TextIO | None = None,
+    sql: bool = False,
 ) -> None:
-    """Log to `stream` (stderr) in `fmt`, and to an optional rotated text `file`; call again to reload.
+    """Log to `stream` (stderr) in `fmt`, and to an optional rotated `file` in `fmt` too; call
+    again to reload. `sql` adds SQL statements (SQLAlchemy's engine log) to the lines.
 
     Under journald the JSON format keeps the `<N>` prefix: journald strips it before storing, so
     MESSAGE is still pure JSON and `journalctl -p err` still works; without it every line is INFO.
@@ -279,7 +284,7 @@ def setup_logging(
     out = sys.stderr if stream is None else stream
     home = env.get("HOME", "").rstrip("/")
     stream_style = _Style(fmt, _is_journal_stream(out, env), home)
-    file_style = _Style("text", journal=False, home=home)
+    file_style = _Style(fmt, journal=False, home=home)
     path = Path(file).expanduser() if file else None
 
     def install(levelno: int) -> list[int]:
@@ -315,7 +320,7 @@ def setup_logging(
         return ids
 
     logger.configure(patcher=_mask_record)
-    _swap(install, levelno)
+    _swap(install, levelno, sql)
 
 
 def set_level(level: str) -> None:

@@ -25,9 +25,10 @@ from typing import Any
 
 from loguru import logger
 
-from sessionsync.daemon.batch import BatchResult, sync_batch
+from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
 from sessionsync.daemon.db import make_engine
+from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
 from sessionsync.daemon.discovery import ProjectPath, discover
 from sessionsync.daemon.errors import AlreadyRunning, ConfigError, SessionSyncError
@@ -38,6 +39,7 @@ from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, re
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
 from sessionsync.daemon.store import ProjectRef, Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
+from sessionsync.daemon.version import version
 from sessionsync.daemon.watcher import RESYNC_FALLBACK, SessionWatcher
 from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
@@ -103,7 +105,7 @@ class Service:
         self._env = dict(os.environ if env is None else env)
         self.started_at = time.time()
         self.notifier = Notifier(self._env)
-        self.engine = make_engine(cfg.database_url(self._env))
+        self.engine = make_engine(cfg.database_url(self._env), own_folder=not cfg.database.url)
         self.store = Store(self.engine)
         self.hub = EventHub()
         self.queue = WorkQueue()
@@ -117,7 +119,8 @@ class Service:
             "events_published": 0,
             "discoveries": 0,
         }
-        self.recent_errors: deque[dict[str, str]] = deque(maxlen=20)
+        self.recent_errors: deque[dict[str, str | None]] = deque(maxlen=20)
+        self._errors_lock = threading.Lock()
         self._error_sink = logger.add(self._remember, level="WARNING", format="{message}")
         self.last_reconcile_at: datetime | None = None
         self.live_sessions = 0
@@ -176,10 +179,14 @@ class Service:
             if self._stop.is_set():
                 return self._shutdown(started)
             logger.info(
-                "sessionsync started: {} project(s), {} session(s), database {}, in {:.2f} s",
+                "sessionsync started: version {}, {} project(s), {} session(s), database {}, config {}, "
+                "roots {}, in {:.2f} s",
+                version(),
                 len(self.registry.refs()),
                 self.live_sessions,
                 self.database_label,
+                self.config_label,
+                ", ".join(self.cfg.watch.roots) or "none",
                 time.monotonic() - started,
             )
             self.notifier.ready(self.status_line())
@@ -289,8 +296,7 @@ class Service:
                     before, after = upgrade(self.engine)
                     if before != after:
                         logger.info("database schema upgraded from {} to {}", before or "empty", after)
-                else:
-                    self.store.known_projects()
+                self.store.check_schema()
                 self.health.succeeded()
                 return True
             except Exception as exc:
@@ -494,6 +500,8 @@ class Service:
             self._publish(result.events)
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
+        log_changes(events)
+        self._forget_fixed(events)
         self.hub.publish_many(events)
         self.counters["events_published"] += len(events)
         # Between reconciles (which recount exactly), the status count follows the events.
@@ -523,7 +531,11 @@ class Service:
 
     @property
     def database_label(self) -> str:
-        return mask_secrets(self.cfg.database_url(self._env))
+        return mask_url(self.cfg.database_url(self._env))
+
+    @property
+    def config_label(self) -> str:
+        return str(self.cfg.source) if self.cfg.source else "built-in defaults"
 
     def wake_reconciler(self) -> None:
         with self._resync_cond:
@@ -532,14 +544,32 @@ class Service:
     def _remember(self, message: Any) -> None:
         record = message.record
         extra = record["extra"]
-        where = f"[{extra['project']}/{extra['slug']}] " if "slug" in extra else ""
-        self.recent_errors.append(
-            {
-                "at": record["time"].isoformat(),
-                "level": record["level"].name,
-                "message": where + record["message"],
-            }
-        )
+        with self._errors_lock:
+            self.recent_errors.append(
+                {
+                    "at": record["time"].isoformat(),
+                    "level": record["level"].name,
+                    "session": extra.get("session"),
+                    "project": extra.get("project"),
+                    "message": record["message"],
+                }
+            )
+
+    def current_errors(self) -> list[dict[str, str | None]]:
+        """Recent warnings and errors that still apply, oldest first."""
+        with self._errors_lock:
+            return list(self.recent_errors)
+
+    def _forget_fixed(self, events: Sequence[Mapping[str, Any]]) -> None:
+        """A session written clean again (or gone) drops out of the recent errors, so `status`
+        shows what is still wrong; a write that is invalid or has field problems keeps its entry."""
+        bad = {e["path"] for e in events if e["kind"] == "session.invalid" or e.get("fields")}
+        fixed = {e["path"] for e in events if "path" in e} - bad
+        if fixed:
+            with self._errors_lock:
+                kept = [e for e in self.recent_errors if e.get("session") not in fixed]
+                self.recent_errors.clear()
+                self.recent_errors.extend(kept)
 
     def healthy(self, stall_after_s: float) -> bool:
         """Alive and making progress: what WATCHDOG=1 vouches for. An idle worker is healthy; one
@@ -572,7 +602,7 @@ class Service:
             self.notifier.ready(self.status_line())
             return
         old, self.cfg = self.cfg, new
-        setup_logging(new.log.level, new.log.format, new.log.file, self._env)
+        setup_logging(new.log.level, new.log.format, new.log.file, self._env, sql=new.log.sql)
         set_level(new.log.level)
         self.debounce.set_timing(
             new.watch.debounce_ms / 1000, new.watch.max_delay_ms / 1000, new.workers.batch_size
@@ -597,10 +627,9 @@ class Service:
         self.notifier.ready(self.status_line())
 
 
-def run_daemon(config_arg: str | None) -> int:
-    """`sessionsync run`: load the config, set up logging, run until stopped."""
-    cfg = load_config(config_arg)
-    setup_logging(cfg.log.level, cfg.log.format, cfg.log.file)
+def run_daemon(cfg: Config, config_arg: str | None) -> int:
+    """`sessionsync run`: set up logging, run until stopped; `config_arg` is reread on SIGHUP."""
+    setup_logging(cfg.log.level, cfg.log.format, cfg.log.file, sql=cfg.log.sql)
     try:
         return Service(cfg, config_arg).run()
     except SessionSyncError:

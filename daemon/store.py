@@ -7,6 +7,7 @@ by key so two writers never deadlock; an event row per meaningful change; on Pos
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import TextClause, UpdateBase
 
+from sessionsync.daemon.errors import SchemaMissing
 from sessionsync.daemon.sync import Action, Change, Known
 from sessionsync.models.events import (
     NOTIFY_CHANNEL,
@@ -300,16 +303,44 @@ class Store:
             )
 
     def invalid_sessions(self) -> list[dict[str, Any]]:
-        """Live sessions whose state.json could not be read, with the reason."""
+        """Live sessions with a problem, and why: `kind` is "invalid" (state.json could not be
+        read; the last good mirror is kept) or "fields" (fields of the wrong type stored as NULL);
+        `path` is the session folder."""
         s, p = sessions.c, projects.c
         query = (
-            select(p.working_dir.label("project"), s.slug, s.sync_error, s.sync_error_at)
+            select(
+                p.working_dir.label("project"),
+                p.sessions_dir,
+                s.slug,
+                s.invalid,
+                s.sync_error,
+                s.sync_error_at,
+            )
             .join(projects, s.project_id == p.id)
-            .where(p.host == self.host, s.invalid.is_(True), s.deleted_at.is_(None))
-            .order_by(p.working_dir, s.slug)
+            .where(p.host == self.host, s.sync_error.is_not(None), s.deleted_at.is_(None))
+            .order_by(s.invalid.desc(), p.working_dir, s.slug)
         )
         with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            return [
+                {
+                    "project": r.project,
+                    "slug": r.slug,
+                    "path": os.path.join(r.sessions_dir, r.slug),
+                    "kind": "invalid" if r.invalid else "fields",
+                    "sync_error": r.sync_error,
+                    "sync_error_at": r.sync_error_at,
+                }
+                for r in conn.execute(query)
+            ]
+
+    def check_schema(self) -> None:
+        """Raise SchemaMissing when the tables are not there (auto_migrate off, never upgraded)."""
+        with self.engine.connect() as conn:
+            if not sa_inspect(conn).has_table(sessions.name):
+                raise SchemaMissing(
+                    "the database has no sessionsync tables yet",
+                    "run `sessionsync db upgrade` (database.auto_migrate is off)",
+                )
 
     def live_slugs(self, project_id: int) -> set[str]:
         with self.engine.connect() as conn:
@@ -441,7 +472,19 @@ class Store:
                     "e_detail": detail,
                 }
                 events.append(
-                    (row, session_event(kind, project.path, change.key.slug, now, old, new, detail))
+                    (
+                        row,
+                        session_event(
+                            kind,
+                            project.path,
+                            change.key.slug,
+                            os.path.join(project.sessions_dir, change.key.slug),
+                            now,
+                            old,
+                            new,
+                            detail,
+                        ),
+                    )
                 )
         return events
 
@@ -515,5 +558,8 @@ def _event_kinds(
         if before.status != mapped.status:
             kinds.append((kind.STATUS_CHANGED, before.status, mapped.status, None))
         if not kinds:
-            kinds.append((kind.UPDATED, None, None, {"fields": change.error} if change.error else None))
+            kinds.append((kind.UPDATED, None, None, None))
+    if change.error:
+        # Every event of a write that stored fields as NULL says which: that problem is current.
+        return [(k, old, new, {**(detail or {}), "fields": change.error}) for k, old, new, detail in kinds]
     return kinds

@@ -1,7 +1,8 @@
 """`sessionsync install-unit`: the shipped systemd unit, ExecStart pointed at this install.
 
 The unit files in `systemd/` are the single source; rendering only replaces the placeholder
-executable, quoted for systemd's command-line syntax.
+ExecStart line: this install's executable and, when one was named, `--config PATH`, each word
+quoted for systemd's command-line syntax.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sessionsync.daemon.errors import OperationalError, UsageError
 UnitKind = Literal["user", "system"]
 
 _UNIT_FILES: dict[UnitKind, str] = {"user": "sessionsync.service", "system": "sessionsync@.service"}
-_PLACEHOLDER = "ExecStart=/usr/local/bin/sessionsync "
+_PLACEHOLDER = "ExecStart=/usr/local/bin/sessionsync run\n"
 _SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 # Characters that make systemd split, unquote or escape a word; such a path is double-quoted.
 _NEEDS_QUOTES = re.compile(r"""[\s"'\\;]""")
@@ -40,17 +41,20 @@ def _quote_exec_word(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_unit(kind: UnitKind, executable: str) -> str:
-    """The shipped unit file of `kind` with ExecStart running `executable` (an absolute path)."""
-    if not os.path.isabs(executable) or "\n" in executable:
-        raise UsageError(
-            f"the unit needs an absolute path to the sessionsync command, not {executable!r}",
-            "pass the full path, e.g. the output of `command -v sessionsync`",
-        )
+def render_unit(kind: UnitKind, executable: str, config: str | None = None) -> str:
+    """The shipped unit file of `kind` with ExecStart running `executable` (an absolute path),
+    with `--config config` (an absolute path) when given."""
+    for what, path in (("the sessionsync command", executable), ("the config file", config)):
+        if path is not None and (not os.path.isabs(path) or "\n" in path):
+            raise UsageError(
+                f"the unit needs an absolute path to {what}, not {path!r}",
+                "pass the full path, e.g. the output of `command -v sessionsync`",
+            )
     text = files("sessionsync.systemd").joinpath(_UNIT_FILES[kind]).read_text(encoding="utf-8")
     if text.count(_PLACEHOLDER) != 1:
         raise RuntimeError(f"{_UNIT_FILES[kind]} must have exactly one line starting {_PLACEHOLDER!r}")
-    return text.replace(_PLACEHOLDER, f"ExecStart={_quote_exec_word(executable)} ")
+    words = [executable, "run", *(["--config", config] if config else [])]
+    return text.replace(_PLACEHOLDER, f"ExecStart={' '.join(map(_quote_exec_word, words))}\n")
 
 
 def default_executable() -> str:
@@ -92,11 +96,14 @@ def _enable_commands(kind: UnitKind, env: Mapping[str, str]) -> list[str]:
 
 
 def install_unit(
-    kind: UnitKind, executable: str | None = None, env: Mapping[str, str] | None = None
+    kind: UnitKind,
+    executable: str | None = None,
+    env: Mapping[str, str] | None = None,
+    config: str | None = None,
 ) -> tuple[Path, list[str]]:
     """Write the unit (atomically) and return its path and the systemctl commands to print."""
     env = os.environ if env is None else env
-    text = render_unit(kind, executable or default_executable())
+    text = render_unit(kind, executable or default_executable(), config)
     destination = unit_destination(kind, env)
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 A row in `session_events` has a bare kind (`created`); on the control stream and in PostgreSQL
 `NOTIFY sessionsync` the same change is `session.created`, carrying the project path, the slug,
-the time and what changed. Payloads carry keys and values, never whole documents (NOTIFY
-payloads are limited to 8000 bytes).
+the session folder (`path`), the time and what changed. Payloads carry keys and values, never
+whole documents (NOTIFY payloads are limited to 8000 bytes).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def session_event(
     kind: SessionEventKind,
     project: str,
     slug: str,
+    path: str,
     at: datetime,
     from_value: str | None = None,
     to_value: str | None = None,
@@ -46,6 +47,7 @@ def session_event(
         "kind": f"session.{kind.value}",
         "project": project,
         "slug": slug,
+        "path": path,
         "at": at.isoformat(),
     }
     if from_value is not None or to_value is not None:
@@ -61,6 +63,6 @@ def notify_payload(event: dict[str, Any]) -> str:
     payload = dumps(event)
     if len(payload.encode()) <= NOTIFY_LIMIT:
         return payload
-    core: dict[str, Any] = {k: event[k] for k in ("kind", "project", "slug", "at") if k in event}
+    core: dict[str, Any] = {k: event[k] for k in ("kind", "project", "slug", "path", "at") if k in event}
     core["truncated"] = True
     return dumps(core)[:NOTIFY_LIMIT]

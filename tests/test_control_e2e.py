@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -281,8 +282,23 @@ def test_sync_writes_the_session_before_replying(daemon: Daemon, app: Path) -> N
         result = daemon.request({"cmd": "sync", "path": str(state.parent)})
         assert phase(daemon, app, "sync-1") == "docs"
         again = daemon.request({"cmd": "sync", "path": str(state.parent)})
-    assert result == {"project": str(app), "slug": "sync-1", "written": 1, "invalid": 0, "unchanged": 0}
-    assert again == {"project": str(app), "slug": "sync-1", "written": 0, "invalid": 0, "unchanged": 1}
+    folder = str(state.parent)
+    assert result == {
+        "project": str(app),
+        "slug": "sync-1",
+        "path": folder,
+        "written": 1,
+        "invalid": 0,
+        "unchanged": 0,
+    }
+    assert again == {
+        "project": str(app),
+        "slug": "sync-1",
+        "path": folder,
+        "written": 0,
+        "invalid": 0,
+        "unchanged": 1,
+    }
 
 
 def test_sync_names_a_session_through_a_symbolic_link(daemon: Daemon, app: Path, tmp_path: Path) -> None:
@@ -294,7 +310,15 @@ def test_sync_names_a_session_through_a_symbolic_link(daemon: Daemon, app: Path,
         result = daemon.request(
             {"cmd": "sync", "path": str(tmp_path / "link" / "agents" / "sessions" / "linked-1")}
         )
-    assert result == {"project": str(app), "slug": "linked-1", "written": 1, "invalid": 0, "unchanged": 0}
+    # The reply names the folder where the daemon knows it, by the project's real path.
+    assert result == {
+        "project": str(app),
+        "slug": "linked-1",
+        "path": str(state.parent),
+        "written": 1,
+        "invalid": 0,
+        "unchanged": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -359,10 +383,12 @@ def test_errors_lists_an_invalid_session_with_its_reason(daemon: Daemon, app: Pa
 
     [entry] = settle(daemon, listed)
     assert entry["project"] == str(app)
+    assert entry["path"] == str(app / "agents" / "sessions" / "broken-1")
+    assert entry["kind"] == "invalid"
     assert "JSON" in entry["sync_error"]
     datetime.fromisoformat(entry["sync_error_at"])
-    recent = [e["message"] for e in daemon.status()["recent_errors"]]
-    assert any("broken-1" in m and "invalid" in m for m in recent), recent
+    recent = [e for e in daemon.status()["recent_errors"] if e["session"] == entry["path"]]
+    assert any("invalid" in e["message"] for e in recent), recent
 
 
 def test_subscribe_streams_session_and_project_events(daemon: Daemon, app: Path) -> None:
@@ -549,9 +575,10 @@ def _as_nobody(path: Path) -> str:
 def test_cli_status_readable_and_json(daemon: Daemon, app: Path) -> None:
     readable = daemon.cli("status")
     assert readable.returncode == 0, readable.stdout
-    assert f"sessionsync pid {daemon.pid}" in readable.stdout
-    assert f"watch live      {app}" in readable.stdout
-    assert "database      sqlite:///" in readable.stdout
+    assert f", pid {daemon.pid}, up " in readable.stdout
+    assert re.search(r"^  projects     \d+ \(\d+ live\), sessions \d+, pending \d+$", readable.stdout, re.M)
+    assert f"  config       {daemon.config_path}\n" in readable.stdout
+    assert "  database     sqlite:///" in readable.stdout
     as_json = daemon.cli("status", "--json")
     assert as_json.returncode == 0, as_json.stdout
     assert json.loads(as_json.stdout).keys() >= STATUS_KEYS
@@ -568,7 +595,7 @@ def test_cli_commands_answered_by_the_daemon(daemon: Daemon, app: Path) -> None:
     with unclosed_write(state, doc("plan")):
         synced = daemon.cli("sync", str(state.parent))
     assert synced.returncode == 0, synced.stdout
-    assert synced.stdout == f"{app}/cli-1: written\n"
+    assert synced.stdout == f"{app}/agents/sessions/cli-1: written\n"
 
     paused = daemon.cli("pause")
     assert paused.returncode == 0, paused.stdout
@@ -586,7 +613,7 @@ def test_cli_commands_answered_by_the_daemon(daemon: Daemon, app: Path) -> None:
     )
     errors = daemon.cli("errors")
     assert errors.returncode == 0
-    assert f"{app}/cli-broken: not valid UTF-8 at byte 0" in errors.stdout
+    assert f"{app}/agents/sessions/cli-broken: invalid: not valid UTF-8 at byte 0" in errors.stdout
 
 
 def test_cli_watch_prints_within_a_second_of_a_change(daemon: Daemon, app: Path) -> None:
@@ -607,7 +634,7 @@ def test_cli_watch_prints_within_a_second_of_a_change(daemon: Daemon, app: Path)
         watch.terminate()
         watch.communicate(timeout=10)
     assert b"session.created" in line
-    assert f"{app}/watch-1".encode() in line
+    assert f"{app}/agents/sessions/watch-1 spec".encode() in line
     assert elapsed < 1.0
 
 

@@ -22,6 +22,11 @@ HOME = "/home/me"
 PROJECT = "/home/me/code/app"
 
 
+def at(project: str, slug: str) -> str:
+    """A session's folder under the default sessions_subdir."""
+    return f"{project}/agents/sessions/{slug}"
+
+
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     """setup_logging changes process-wide state; put loguru and the stdlib back afterwards.
@@ -38,7 +43,7 @@ def restore_logging() -> Iterator[None]:
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
-    for name in ("sqlalchemy.engine", "apscheduler.executors"):
+    for name in ("sqlalchemy", "sqlalchemy.engine", "apscheduler", "alembic", "watchdog", "tzlocal"):
         logging.getLogger(name).setLevel(logging.NOTSET)
 
 
@@ -104,7 +109,7 @@ def test_traceback_lines_each_keep_the_priority(stream: TextIO) -> None:
 def test_json_lines_parse_with_the_expected_fields(stream: TextIO) -> None:
     setup_logging("INFO", "json", env={"HOME": HOME}, stream=stream)
     logger.info("started")
-    session_log(PROJECT, "fix-login").warning("state.json is not valid JSON")
+    session_log(PROJECT, "fix-login", at(PROJECT, "fix-login")).warning("state.json is not valid JSON")
     try:
         raise KeyError("phase")
     except KeyError:
@@ -118,6 +123,7 @@ def test_json_lines_parse_with_the_expected_fields(stream: TextIO) -> None:
     assert "exception" not in started
     assert session["project"] == PROJECT
     assert session["slug"] == "fix-login"
+    assert session["session"] == at(PROJECT, "fix-login")
     assert session["level"] == "WARNING"
     assert "KeyError: 'phase'" in crashed["exception"]
 
@@ -130,13 +136,15 @@ def test_json_under_journald_keeps_the_priority_prefix(stream: TextIO) -> None:
     assert json.loads(line[3:])["message"] == "database unreachable"
 
 
-def test_session_lines_name_project_and_slug(stream: TextIO) -> None:
+def test_session_lines_name_the_session_folder(stream: TextIO) -> None:
     setup_logging("INFO", "text", env=journal_env(stream), stream=stream)
-    session_log(PROJECT, "fix-login").info("phase build -> docs")
-    session_log("/srv/repos/api", "add-cache").info("created")
-    first, second = lines(stream)
-    assert "[~/code/app/fix-login] phase build -> docs" in first
-    assert "[/srv/repos/api/add-cache] created" in second
+    session_log(PROJECT, "fix-login", at(PROJECT, "fix-login")).info("phase build -> docs")
+    session_log("/srv/repos/api", "add-cache", at("/srv/repos/api", "add-cache")).info("created")
+    logger.bind(project=PROJECT).info("watch restored")
+    first, second, third = lines(stream)
+    assert "[~/code/app/agents/sessions/fix-login] phase build -> docs" in first
+    assert "[/srv/repos/api/agents/sessions/add-cache] created" in second
+    assert "[~/code/app] watch restored" in third
 
 
 def test_passwords_are_masked_everywhere(stream: TextIO) -> None:
@@ -190,15 +198,24 @@ def test_set_level_filters_at_runtime(stream: TextIO) -> None:
     assert re.findall(r"(?:shown|hidden) \d", out) == ["shown 1", "shown 2", "shown 3", "shown 4"]
 
 
-def test_sqlalchemy_statements_only_at_debug(stream: TextIO) -> None:
-    setup_logging("INFO", "text", env={"HOME": HOME}, stream=stream)
+def test_sql_statements_only_with_log_sql(stream: TextIO) -> None:
+    setup_logging("DEBUG", "text", env={"HOME": HOME}, stream=stream)
     logging.getLogger("sqlalchemy.engine.Engine").info("SELECT 1")
-    set_level("DEBUG")
+    logging.getLogger("sqlalchemy.pool.impl.QueuePool").debug("connection checked out")
+    logging.getLogger("watchdog.observers.inotify_buffer").debug("in-event")
+    logger.debug("our own line")
+    setup_logging("DEBUG", "text", env={"HOME": HOME}, stream=stream, sql=True)
     logging.getLogger("sqlalchemy.engine.Engine").info("SELECT 2")
     logging.getLogger("sqlalchemy.engine.Engine").debug("Row (1,)")
+    set_level("DEBUG")  # a reload of the level keeps the SQL setting
+    logging.getLogger("sqlalchemy.engine.Engine").info("SELECT 3")
     out = "\n".join(lines(stream))
+    assert "our own line" in out
     assert "SELECT 1" not in out
+    assert "checked out" not in out
+    assert "in-event" not in out
     assert "sqlalchemy.engine.Engine: SELECT 2" in out
+    assert "SELECT 3" in out
     assert "Row (1,)" not in out
 
 
@@ -213,16 +230,23 @@ def test_setup_again_replaces_sinks(stream: TextIO, tmp_path: Path) -> None:
         assert [json.loads(line)["message"] for line in lines(second)] == ["once", "also once"]
 
 
-def test_file_sink_is_text_with_timestamps(stream: TextIO, tmp_path: Path) -> None:
+def test_file_sink_speaks_the_configured_format(stream: TextIO, tmp_path: Path) -> None:
     log_file = tmp_path / "logs" / "sessionsync.log"
-    setup_logging("INFO", "json", file=str(log_file), env=journal_env(stream), stream=stream)
-    session_log(PROJECT, "fix-login").info("synced")
+    setup_logging("INFO", "text", file=str(log_file), env=journal_env(stream), stream=stream)
+    session_log(PROJECT, "fix-login", at(PROJECT, "fix-login")).info("synced")
     (line,) = log_file.read_text(encoding="utf-8").splitlines()
-    assert TIMESTAMP.match(line)
-    assert line.endswith("[~/code/app/fix-login] synced")
-    assert json.loads(lines(stream)[0][3:])["slug"] == "fix-login"
-    session_log(PROJECT, os.fsdecode(b"caf\xe9")).info("created")
-    assert log_file.read_text(encoding="utf-8").splitlines()[1].endswith("[~/code/app/caf\\udce9] created")
+    assert TIMESTAMP.match(line)  # no journald there: the file carries its own timestamps
+    assert line.endswith("[~/code/app/agents/sessions/fix-login] synced")
+    cafe = os.fsdecode(b"caf\xe9")
+    session_log(PROJECT, cafe, at(PROJECT, cafe)).info("created")
+    assert log_file.read_text(encoding="utf-8").splitlines()[1].endswith("sessions/caf\\udce9] created")
+
+    json_file = tmp_path / "logs" / "sessionsync.json"
+    setup_logging("INFO", "json", file=str(json_file), env=journal_env(stream), stream=stream)
+    session_log(PROJECT, "fix-login", at(PROJECT, "fix-login")).info("synced")
+    (record,) = (json.loads(line) for line in json_file.read_text(encoding="utf-8").splitlines())
+    assert (record["message"], record["slug"]) == ("synced", "fix-login")
+    assert json.loads(lines(stream)[-1][3:])["slug"] == "fix-login"
 
 
 def test_unopenable_file_is_a_config_error_and_keeps_the_old_sinks(stream: TextIO, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, update
 from sqlalchemy.pool import NullPool
 
 from sessionsync.daemon import cli
+from sessionsync.daemon.errors import EXIT_USAGE
 from sessionsync.daemon.scheduler import is_overdue, next_run
 from sessionsync.models.tables import projects, sessions
 from tests.conftest import remove_session, wait_for, write_state
@@ -124,7 +125,7 @@ def test_an_invalid_cron_is_a_config_error_naming_the_key(
 ) -> None:
     config = tmp_path / "sessionsync.toml"
     config.write_text('[schedule]\nreconcile_cron = "0 3 * * 8"\n')
-    assert cli.run(["check-config", "--config", str(config)]) == cli.EXIT_USAGE
+    assert cli.run(["check-config", "--config", str(config)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "[schedule] reconcile_cron = '0 3 * * 8'" in err
     assert "day of week '8'" in err

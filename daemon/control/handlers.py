@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sessionsync.daemon.errors import ControlError
 from sessionsync.daemon.store import is_transient
+from sessionsync.daemon.version import version
 from sessionsync.models.control import ReconcileRequest, ResyncRequest, SyncRequest
 from sessionsync.models.keys import SessionKey
 
@@ -54,6 +55,12 @@ def build_handlers(service: Service) -> dict[str, Callable[[Any], dict[str, Any]
                 break
         else:
             raise ControlError("not_found", f"{req.path} is not a session folder of any known project")
+        path = os.path.join(ref.sessions_dir, key.slug)
+        if not os.path.lexists(folder):
+            # A hook naming a folder that is not there has the wrong path. Should the session
+            # just have been removed, its row is tombstoned the ordinary way.
+            service.queue.submit([key])
+            raise ControlError("not_found", f"no session folder at {req.path}")
         if service.queue.paused:
             service.queue.submit([key])
             raise ControlError("unavailable", "writes are paused; the session will sync on resume")
@@ -67,6 +74,7 @@ def build_handlers(service: Service) -> dict[str, Callable[[Any], dict[str, Any]
         return {
             "project": key.project,
             "slug": key.slug,
+            "path": path,
             "written": result.written + result.tombstoned,
             "invalid": result.invalid,
             "unchanged": result.unchanged + result.touched,
@@ -129,9 +137,13 @@ def status_of(service: Service) -> dict[str, Any]:
     """The status reply: the contract's keys plus watch, database and error details."""
     watch = service.watcher.projects()
     health = service.health
+    nightly = service.schedule.next_nightly()
     return {
+        "version": version(),
         "pid": os.getpid(),
+        "config": str(service.cfg.source) if service.cfg.source else None,
         "uptime_s": round(service.uptime()),
+        "next_reconcile_at": nightly.isoformat() if nightly else None,
         "projects": len(service.registry.refs()),
         "sessions": service.live_sessions,
         "pending": service.queue.pending() + len(service.debouncer),
@@ -156,5 +168,5 @@ def status_of(service: Service) -> dict[str, Any]:
             "database_outages": health.outages,
             "subscribers": service.hub.subscriber_count(),
         },
-        "recent_errors": list(service.recent_errors),
+        "recent_errors": service.current_errors(),
     }
