@@ -16,7 +16,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -36,11 +36,13 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import (
+    DEFAULT_EVENT_BUFFER_SIZE,
     CallbackId,
     InotifyConstants,
     InotifyEvent,
     InotifyFD,
     Mask,
+    WatchCallback,
     WatchDescriptor,
 )
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
@@ -100,9 +102,8 @@ RESYNC_RESTORED = "inotify watch restored"
 RESYNC_RESTARTED = "inotify observer restarted"
 RESYNC_REWATCHED = "inotify watch restarted"
 
-# Test seam: called with each path before an inotify watch is added for it; a test makes it raise
-# OSError(ENOSPC) to exercise the fallback without exhausting the machine's watches.
-_watch_fault: Callable[[str], None] | None = None
+# Test seam (see InotifyFaults): a folder standing in for /proc/sys/fs/inotify, for a daemon subprocess.
+INOTIFY_SYSCTL_ENV = "SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR"
 
 T = TypeVar("T")
 
@@ -152,9 +153,69 @@ def _ident(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-def _inject_fault(path: bytes) -> None:
-    if _watch_fault is not None:
-        _watch_fault(os.fsdecode(path))
+@dataclass
+class InotifyFaults:
+    """Test seam: the kernel's inotify limits, lowered for this process only, so that tests reach
+    queue overflow and ENOSPC without changing the machine's sysctls under every other process.
+
+    `max_queued_events`: a read from an inotify instance that returns more events than this means a
+    queue of that size would have overflowed: the rest are dropped and IN_Q_OVERFLOW (wd -1) takes
+    their place, as the kernel delivers it. Read when an instance is created, like the sysctl.
+    `max_user_watches`: adding a watch while this process holds that many fails with ENOSPC. Read at
+    each watch added, like the sysctl. `fail_watch(path)`: called before each watch is added; it may
+    raise OSError. `sysctl_dir`: a folder whose files `max_queued_events` and `max_user_watches`, when
+    present, give those two values instead (re-read each time, so a test can lower and restore them
+    while a daemon runs); `from_env` takes it from $SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR.
+    """
+
+    max_queued_events: int | None = None
+    max_user_watches: int | None = None
+    fail_watch: Callable[[str], None] | None = None
+    sysctl_dir: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> InotifyFaults | None:
+        folder = env.get(INOTIFY_SYSCTL_ENV, "")
+        return cls(sysctl_dir=folder) if folder else None
+
+    def queued_events(self) -> int | None:
+        return self._value("max_queued_events", self.max_queued_events)
+
+    def user_watches(self) -> int | None:
+        return self._value("max_user_watches", self.max_user_watches)
+
+    def before_watch(self, path: bytes) -> None:
+        """Raise what the kernel (or the test) would for adding a watch on `path` now."""
+        if self.fail_watch is not None:
+            self.fail_watch(os.fsdecode(path))
+        limit = self.user_watches()
+        if limit is not None and _watches_held() >= limit:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    def _value(self, name: str, given: int | None) -> int | None:
+        if self.sysctl_dir is None:
+            return given
+        try:
+            with open(os.path.join(self.sysctl_dir, name), encoding="ascii") as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return given
+        return int(text) if text else given
+
+
+def _watches_held() -> int:
+    """inotify watches this process holds, counted by the kernel (one `inotify wd:` line each in
+    the fdinfo of every inotify descriptor), as the limit counts them."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+                count += f.read().count("inotify wd:")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor, or another thread's)
+    return count
 
 
 # --- watchdog, adapted -------------------------------------------------------------------------
@@ -209,7 +270,6 @@ class _WatchGroup(InotifyWatchGroup):
 
     def _add_callback(self, path: bytes) -> None:
         try:
-            _inject_fault(path)
             wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
         except OSError as exc:
             if exc.errno in _LIMITS and self.on_limit is not None:
@@ -280,12 +340,33 @@ class _Emitter(InotifyEmitter):
 
 class _InotifyFD(InotifyFD):
     """The inotify instance: reports each queue overflow (the watcher then replaces the instance)
-    and its own unexpected end."""
+    and its own unexpected end; applies the test seam's limits (InotifyFaults), if any."""
 
-    def __init__(self, on_overflow: Callable[[], None], on_death: Callable[[], None]) -> None:
+    def __init__(
+        self, on_overflow: Callable[[], None], on_death: Callable[[], None], faults: InotifyFaults | None
+    ) -> None:
         super().__init__()
         self._on_overflow = on_overflow
         self._on_death = on_death
+        self._faults = faults
+        self._queue_size = faults.queued_events() if faults is not None else None
+
+    def add_callback(
+        self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
+    ) -> WatchDescriptor:
+        if self._faults is not None:
+            self._faults.before_watch(path)
+        return super().add_callback(path, mask, callback, id_)
+
+    def read_events(self, *, event_buffer_size: int = DEFAULT_EVENT_BUFFER_SIZE) -> list[InotifyEvent]:
+        events = super().read_events(event_buffer_size=event_buffer_size)
+        size = self._queue_size
+        if size is None or len(events) <= size:
+            return events
+        # More events in one read than a queue of `size` holds: the kernel would have kept the first
+        # ones and queued one IN_Q_OVERFLOW (wd -1) in place of the rest.
+        overflow = InotifyEvent(WatchDescriptor(-1), InotifyConstants.IN_Q_OVERFLOW, 0, b"")
+        return [*events[:size], overflow]
 
     def handle_event(self, event: InotifyEvent) -> None:
         if event.is_queue_overflow:
@@ -315,8 +396,9 @@ class _Observer(BaseObserver):
         on_death: Callable[[], None],
         on_limit: Callable[[str, int], None],
         on_emitter_exit: Callable[[str], None],
+        faults: InotifyFaults | None,
     ) -> None:
-        self.fd = _InotifyFD(on_overflow, on_death)
+        self.fd = _InotifyFD(on_overflow, on_death, faults)
         self.fd.start()
         super().__init__(_Emitter, inotify_fd=self.fd, on_limit=on_limit, on_exit=on_emitter_exit)
         self._on_death = on_death
@@ -435,8 +517,10 @@ class SessionWatcher:
         on_resync: Callable[[str, str], None],
         fallback_scan_s: float = 30.0,
         retry_backoff_s: tuple[float, float] = (5.0, 300.0),
+        faults: InotifyFaults | None = None,
     ) -> None:
         self._on_key = on_key
+        self._faults = faults  # the test seam; None in production
         self._on_resync = on_resync
         self._fallback_scan_s = fallback_scan_s
         self._backoff_min, self._backoff_max = retry_backoff_s
@@ -786,7 +870,6 @@ class SessionWatcher:
             parent, name = os.path.dirname(parent), os.path.basename(parent)
         ident = _ident(parent)
         path = os.fsencode(parent)
-        _inject_fault(path)
         wd = observer.fd.add_callback(path, _PARENT_MASK, self._parents, self._parents.id)
         if wd == -1:
             return  # EACCES, let through by watchdog: nothing is watched
@@ -852,7 +935,7 @@ class SessionWatcher:
             entry.sessions_dir,
             what,
             sysctl,
-            _read_sysctl(sysctl),
+            self._read_sysctl(sysctl),
             self._fallback_scan_s,
             sysctl,
             suggested,
@@ -883,6 +966,7 @@ class SessionWatcher:
                 on_death=self._on_death,
                 on_limit=self._limit_hit,
                 on_emitter_exit=self._emitter_exited,
+                faults=self._faults,
             )
         except OSError as exc:
             if exc.errno not in _LIMITS:
@@ -928,6 +1012,13 @@ class SessionWatcher:
             before = entry.state
             self._arm(entry)
             self._log_change(entry, before)
+
+    def _read_sysctl(self, name: str) -> str:
+        """The limit's current value, as the hint shows it (the test seam's stand-in, if set)."""
+        faults = self._faults
+        if faults is not None and name == "fs.inotify.max_user_watches" and faults.user_watches() is not None:
+            return str(faults.user_watches())
+        return _read_sysctl(name)
 
 
 def _read_sysctl(name: str) -> str:
