@@ -48,16 +48,13 @@ from watchdog.observers.inotify_c import (
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.utils.delayed_queue import DelayedQueue
 
+from sessionsync.daemon.session_paths import EventKind, FsEvent, event_slugs
 from sessionsync.models.keys import SessionKey
 
 if TYPE_CHECKING:
     from watchdog.observers.api import EventQueue
 
 ProjectState = Literal["live", "fallback", "missing"]
-
-# The files of a session folder whose change matters; anything deeper (research/, debug/) or
-# named otherwise is ignored.
-SESSION_FILES = frozenset({"state.json", "spec.md", "plan.json"})
 
 # Explicit filter: with watchdog's default mask (IN_OPEN, IN_CLOSE_NOWRITE, IN_MODIFY, ...) its own
 # start-up walk over a few thousand session folders floods the kernel queue, the overflow makes it
@@ -118,30 +115,19 @@ warnings.filterwarnings(
 )
 
 
-def slug_for(sessions_dir: str, path: str, *, is_directory: bool) -> str | None:
-    """The slug an event path below `sessions_dir` is about, or None when it does not matter:
-    `<sessions_dir>/<slug>` (a folder) or `<sessions_dir>/<slug>/<state.json|spec.md|plan.json>`."""
-    prefix = sessions_dir.rstrip(os.sep) + os.sep
-    if not path.startswith(prefix):
-        return None
-    parts = path[len(prefix) :].split(os.sep)
-    slug = parts[0]
-    if not slug or slug.startswith("."):
-        return None
-    if len(parts) == 1:
-        return slug if is_directory else None
-    if len(parts) == 2 and parts[1] in SESSION_FILES:
-        return slug
-    return None
-
-
-def _linked_slug(sessions_dir: str, path: str, *, removed: bool) -> str | None:
-    """The slug of a non-folder entry right in `sessions_dir` that is a symbolic link (or, once
-    `removed`, may have been one), or None."""
-    parent, name = os.path.split(path)
-    if parent != sessions_dir.rstrip(os.sep) or not name or name.startswith("."):
-        return None
-    return name if removed or os.path.islink(path) else None
+def _fs_event(event: FileSystemEvent) -> FsEvent:
+    """The watchdog event reduced to what session_paths needs."""
+    kind: EventKind = "other"
+    if isinstance(event, FileCreatedEvent | DirCreatedEvent):
+        kind = "created"
+    elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
+        kind = "deleted"
+    elif isinstance(event, FileSystemMovedEvent):
+        kind = "moved"
+    elif isinstance(event, FileClosedEvent):
+        kind = "closed"
+    dest = event.dest_path if isinstance(event, FileSystemMovedEvent) else ""
+    return FsEvent(kind, os.fsdecode(event.src_path), os.fsdecode(dest), event.is_directory)
 
 
 def _ident(path: str) -> tuple[int, int] | None:
@@ -632,23 +618,12 @@ class SessionWatcher:
     def _on_fs_event(self, project: str, watched_dir: str, event: FileSystemEvent) -> None:
         with self._signal:
             self._counts["events"] += 1
-        src = os.fsdecode(event.src_path)
-        if src == watched_dir:
+        change = _fs_event(event)
+        if change.src == watched_dir:
             # IN_DELETE_SELF of the sessions folder (its emitter has stopped itself).
             self._request_check(project)
             return
-        slugs = {slug_for(watched_dir, src, is_directory=event.is_directory)}
-        if isinstance(event, FileSystemMovedEvent) and event.dest_path:
-            slugs.add(slug_for(watched_dir, os.fsdecode(event.dest_path), is_directory=event.is_directory))
-        if not event.is_directory:
-            # inotify reports a symbolic link as a file, which slug_for drops right in the sessions
-            # folder; a linked session folder must still reach the worker (it records it invalid)
-            # and so must its removal (what a removed entry was is unknown: its key is cheap).
-            removed = isinstance(event, FileDeletedEvent | FileSystemMovedEvent)
-            slugs.add(_linked_slug(watched_dir, src, removed=removed))
-            if isinstance(event, FileSystemMovedEvent) and event.dest_path:
-                slugs.add(_linked_slug(watched_dir, os.fsdecode(event.dest_path), removed=False))
-        for slug in sorted(s for s in slugs if s is not None):
+        for slug in event_slugs(watched_dir, change):
             self._on_key(SessionKey(project, slug))
 
     def _handler_failed(self, project: str, exc: Exception) -> None:

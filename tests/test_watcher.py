@@ -30,7 +30,6 @@ from sessionsync.daemon.watcher import (
     SessionWatcher,
     _PromptDelayedQueue,
     _watches_held,
-    slug_for,
 )
 from sessionsync.models.keys import SessionKey
 from tests.conftest import Recorder
@@ -115,28 +114,6 @@ def proj(tmp_path: Path, watcher: SessionWatcher) -> Project:
     (p.sessions / "a" / "state.json").write_text("{}")
     assert watcher.watch(p.name, str(p.sessions))
     return p
-
-
-@pytest.mark.parametrize(
-    ("path", "is_dir", "slug"),
-    [
-        ("/s/a", True, "a"),
-        ("/s/a", False, None),  # a file right in the sessions folder
-        ("/s/a/state.json", False, "a"),
-        ("/s/a/spec.md", False, "a"),
-        ("/s/a/plan.json", False, "a"),
-        ("/s/a/plan.md", False, None),
-        ("/s/a/state.json.tmp", False, None),
-        ("/s/a/research/state.json", False, None),
-        ("/s/.trash", True, None),
-        ("/s/.trash/state.json", False, None),
-        ("/s", True, None),
-        ("/other/a/state.json", False, None),
-        ("/sx/a/state.json", False, None),
-    ],
-)
-def test_slug_for(path: str, is_dir: bool, slug: str | None) -> None:
-    assert slug_for("/s", path, is_directory=is_dir) == slug
 
 
 def test_state_json_written_in_place_replaced_and_deleted(rec: Recorder, proj: Project) -> None:
