@@ -15,80 +15,45 @@ import os
 import stat
 import threading
 import time
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from loguru import logger
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-    FileSystemMovedEvent,
-)
-from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import (
-    DEFAULT_EVENT_BUFFER_SIZE,
-    CallbackId,
-    InotifyConstants,
-    InotifyEvent,
-    InotifyFD,
-    Mask,
-    WatchCallback,
-    WatchDescriptor,
-)
-from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
-from watchdog.utils.delayed_queue import DelayedQueue
 
-from sessionsync.daemon.session_paths import EventKind, FsEvent, event_slugs
+from sessionsync.daemon.inotify_source import (
+    INOTIFY_SYSCTL_ENV,
+    LIMIT_ERRNOS,
+    InotifyFaults,
+    InotifySource,
+    TreeWatch,
+)
+from sessionsync.daemon.session_paths import FsEvent, event_slugs
 from sessionsync.models.keys import SessionKey
 
-if TYPE_CHECKING:
-    from watchdog.observers.api import EventQueue
+__all__ = [
+    "INOTIFY_SYSCTL_ENV",
+    "RESYNC_CREATED",
+    "RESYNC_FALLBACK",
+    "RESYNC_OVERFLOW",
+    "RESYNC_REMOVED",
+    "RESYNC_REPLACED",
+    "RESYNC_RESTARTED",
+    "RESYNC_RESTORED",
+    "RESYNC_REWATCHED",
+    "InotifyFaults",
+    "ProjectState",
+    "SessionWatcher",
+]
 
 ProjectState = Literal["live", "fallback", "missing"]
 
-# Explicit filter: with watchdog's default mask (IN_OPEN, IN_CLOSE_NOWRITE, IN_MODIFY, ...) its own
-# start-up walk over a few thousand session folders floods the kernel queue, the overflow makes it
-# rebuild (walk again), and no event is ever delivered. This set gives IN_CREATE, IN_DELETE,
-# IN_MOVED_FROM/TO and IN_CLOSE_WRITE (plus IN_DELETE_SELF, always): the walk itself raises none.
-# Unpaired moves arrive as created (moved in) and deleted (moved out). IN_MODIFY is left out on
-# purpose: a writer's close (IN_CLOSE_WRITE) or rename says the content is complete.
-EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-]
-
-# The parent of a sessions folder is watched alone (not recursively) for its children coming and
-# going, and for itself being deleted or moved.
-_PARENT_MASK = Mask(
-    InotifyConstants.IN_CREATE
-    | InotifyConstants.IN_DELETE
-    | InotifyConstants.IN_MOVED_FROM
-    | InotifyConstants.IN_MOVED_TO
-    | InotifyConstants.IN_DELETE_SELF
-    | InotifyConstants.IN_MOVE_SELF
-    | InotifyConstants.IN_ONLYDIR
-    | InotifyConstants.IN_DONT_FOLLOW
-)
-
+# What the watcher says about each inotify limit, the sysctl that raises it and a value to suggest.
 _LIMITS = {
     errno.ENOSPC: ("inotify watch limit reached", "fs.inotify.max_user_watches", 524288),
     errno.EMFILE: ("inotify instance limit reached", "fs.inotify.max_user_instances", 1024),
 }
+assert set(_LIMITS) == LIMIT_ERRNOS
 
 RESYNC_OVERFLOW = "inotify queue overflowed"
 RESYNC_FALLBACK = "periodic scan (no inotify watch)"
@@ -98,36 +63,6 @@ RESYNC_REPLACED = "sessions folder replaced"
 RESYNC_RESTORED = "inotify watch restored"
 RESYNC_RESTARTED = "inotify observer restarted"
 RESYNC_REWATCHED = "inotify watch restarted"
-
-# Test seam (see InotifyFaults): a folder standing in for /proc/sys/fs/inotify, for a daemon subprocess.
-INOTIFY_SYSCTL_ENV = "SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR"
-
-T = TypeVar("T")
-
-# `mkdir -p a/b/c` in a session: watchdog's walk of the new `a` watches b and c, then the queued
-# IN_CREATE of b and c add them again, which is harmless (same watch) but warned about on stderr,
-# once per folder. Only that warning, raised from this module's calls, is silenced.
-warnings.filterwarnings(
-    "ignore",
-    message=r"Callback with id '\d+' already exists for watch",
-    category=RuntimeWarning,
-    module=r"sessionsync\.daemon\.watcher",
-)
-
-
-def _fs_event(event: FileSystemEvent) -> FsEvent:
-    """The watchdog event reduced to what session_paths needs."""
-    kind: EventKind = "other"
-    if isinstance(event, FileCreatedEvent | DirCreatedEvent):
-        kind = "created"
-    elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
-        kind = "deleted"
-    elif isinstance(event, FileSystemMovedEvent):
-        kind = "moved"
-    elif isinstance(event, FileClosedEvent):
-        kind = "closed"
-    dest = event.dest_path if isinstance(event, FileSystemMovedEvent) else ""
-    return FsEvent(kind, os.fsdecode(event.src_path), os.fsdecode(dest), event.is_directory)
 
 
 def _ident(path: str) -> tuple[int, int] | None:
@@ -139,322 +74,6 @@ def _ident(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
-@dataclass
-class InotifyFaults:
-    """Test seam: the kernel's inotify limits, lowered for this process only, so that tests reach
-    queue overflow and ENOSPC without changing the machine's sysctls under every other process.
-
-    `max_queued_events`: a read from an inotify instance that returns more events than this means a
-    queue of that size would have overflowed: the rest are dropped and IN_Q_OVERFLOW (wd -1) takes
-    their place, as the kernel delivers it. Read when an instance is created, like the sysctl.
-    `max_user_watches`: adding a watch while this process holds that many fails with ENOSPC. Read at
-    each watch added, like the sysctl. `fail_watch(path)`: called before each watch is added; it may
-    raise OSError. `sysctl_dir`: a folder whose files `max_queued_events` and `max_user_watches`, when
-    present, give those two values instead (re-read each time, so a test can lower and restore them
-    while a daemon runs); `from_env` takes it from $SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR.
-    """
-
-    max_queued_events: int | None = None
-    max_user_watches: int | None = None
-    fail_watch: Callable[[str], None] | None = None
-    sysctl_dir: str | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> InotifyFaults | None:
-        folder = env.get(INOTIFY_SYSCTL_ENV, "")
-        return cls(sysctl_dir=folder) if folder else None
-
-    def queued_events(self) -> int | None:
-        return self._value("max_queued_events", self.max_queued_events)
-
-    def user_watches(self) -> int | None:
-        return self._value("max_user_watches", self.max_user_watches)
-
-    def before_watch(self, path: bytes) -> None:
-        """Raise what the kernel (or the test) would for adding a watch on `path` now."""
-        if self.fail_watch is not None:
-            self.fail_watch(os.fsdecode(path))
-        limit = self.user_watches()
-        if limit is not None and _watches_held() >= limit:
-            raise OSError(errno.ENOSPC, "inotify watch limit reached")
-
-    def _value(self, name: str, given: int | None) -> int | None:
-        if self.sysctl_dir is None:
-            return given
-        try:
-            with open(os.path.join(self.sysctl_dir, name), encoding="ascii") as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return given
-        return int(text) if text else given
-
-
-def _watches_held() -> int:
-    """inotify watches this process holds, counted by the kernel (one `inotify wd:` line each in
-    the fdinfo of every inotify descriptor), as the limit counts them."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
-                continue
-            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
-                count += f.read().count("inotify wd:")
-        except OSError:
-            continue  # closed meanwhile (the listing's own descriptor, or another thread's)
-    return count
-
-
-# --- watchdog, adapted -------------------------------------------------------------------------
-# Small subclasses of watchdog's inotify classes, for four things its public surface does not give:
-# a hook on queue overflow, a signal when one of its threads ends, the watch-limit errors it
-# swallows below the root of a recursive watch, and prompt delivery of a rename.
-
-
-class _PromptDelayedQueue(DelayedQueue[T]):
-    """watchdog holds an IN_MOVED_FROM up to 0.5 s to pair it with its IN_MOVED_TO, but its `get`
-    sleeps the whole 0.5 s when it meets the held event first, even if the pair arrives a moment
-    later: an atomic replace (temp + rename) is then seen late and so is every event behind it.
-    This `get` waits on the condition instead, and `remove` (the pairing) wakes it."""
-
-    def get(self) -> T | None:
-        with self._not_empty:
-            while True:
-                if self._closed:
-                    return None
-                if not self._queue:
-                    self._not_empty.wait()
-                    continue
-                head, inserted, delayed = self._queue[0]
-                left = inserted + self.delay - time.monotonic() if delayed else 0.0
-                if left > 0:
-                    self._not_empty.wait(left)
-                    continue
-                self._queue.popleft()
-                return head
-
-    def remove(self, predicate: Callable[[T], bool]) -> T | None:
-        item = super().remove(predicate)
-        if item is not None:
-            with self._not_empty:
-                self._not_empty.notify_all()
-        return item
-
-
-class _PromptMoveGrouper(InotifyMoveEventGrouper):
-    def __init__(self) -> None:
-        super().__init__()
-        self._queue = _PromptDelayedQueue(self.delay)
-
-
-@dataclass
-class _WatchGroup(InotifyWatchGroup):
-    """One recursive watch tree; reports the watch-limit errors watchdog swallows below the root
-    (a sessions folder watched only in part would silently miss sessions)."""
-
-    on_limit: Callable[[int], None] | None = None
-    _move_event_grouper: InotifyMoveEventGrouper = field(default_factory=_PromptMoveGrouper, init=False)
-
-    def _add_callback(self, path: bytes) -> None:
-        try:
-            wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
-        except OSError as exc:
-            if exc.errno in _LIMITS and self.on_limit is not None:
-                self.on_limit(exc.errno)
-            if path == self.path:
-                raise
-            return
-        if wd == -1:
-            # watchdog lets EACCES through as watch descriptor -1: nothing is watched there.
-            if path == self.path:
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
-            return
-        self._active_callbacks_by_path[path] = wd
-        self._active_callbacks_by_watch[wd] = path
-
-    def _remove_watch_internally(self, wd: WatchDescriptor) -> None:
-        # A session folder moved to another project keeps its watch (same inode), then shared with
-        # that project's group, while this one still maps it to the old path; once that name is
-        # reused and removed, watchdog's version raises KeyError here and kills the reader thread.
-        path = self._active_callbacks_by_watch.pop(wd, None)
-        if path is not None and self._active_callbacks_by_path.get(path) == wd:
-            del self._active_callbacks_by_path[path]
-
-
-class _Emitter(InotifyEmitter):
-    """watchdog's inotify emitter with our watch group, and a signal when its thread ends."""
-
-    def __init__(
-        self,
-        event_queue: EventQueue,
-        watch: ObservedWatch,
-        *,
-        timeout: float,
-        event_filter: list[type[FileSystemEvent]] | None = None,
-        inotify_fd: InotifyFD | None = None,
-        on_limit: Callable[[str, int], None],
-        on_exit: Callable[[str], None],
-    ) -> None:
-        super().__init__(
-            event_queue, watch, timeout=timeout, event_filter=event_filter, inotify_fd=inotify_fd
-        )
-        self._on_limit = on_limit
-        self._on_exit = on_exit
-
-    def on_thread_start(self) -> None:
-        path = self.watch.path
-
-        def limit(err: int) -> None:
-            self._on_limit(path, err)
-
-        self._inotify = _WatchGroup(
-            self._inotify_fd,
-            os.fsencode(path),
-            is_recursive=self.watch.is_recursive,
-            event_mask=self.get_event_mask_from_filter(),
-            follow_symlink=self.watch.follow_symlink,
-            on_limit=limit,
-        )
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception:
-            logger.exception("inotify emitter for {} failed", self.watch.path)
-        finally:
-            self._on_exit(self.watch.path)
-
-
-class _InotifyFD(InotifyFD):
-    """The inotify instance: reports each queue overflow (the watcher then replaces the instance)
-    and its own unexpected end; applies the test seam's limits (InotifyFaults), if any."""
-
-    def __init__(
-        self, on_overflow: Callable[[], None], on_death: Callable[[], None], faults: InotifyFaults | None
-    ) -> None:
-        super().__init__()
-        self._on_overflow = on_overflow
-        self._on_death = on_death
-        self._faults = faults
-        self._queue_size = faults.queued_events() if faults is not None else None
-
-    def add_callback(
-        self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
-    ) -> WatchDescriptor:
-        if self._faults is not None:
-            self._faults.before_watch(path)
-        return super().add_callback(path, mask, callback, id_)
-
-    def read_events(self, *, event_buffer_size: int = DEFAULT_EVENT_BUFFER_SIZE) -> list[InotifyEvent]:
-        events = super().read_events(event_buffer_size=event_buffer_size)
-        size = self._queue_size
-        if size is None or len(events) <= size:
-            return events
-        # More events in one read than a queue of `size` holds: the kernel would have kept the first
-        # ones and queued one IN_Q_OVERFLOW (wd -1) in place of the rest.
-        overflow = InotifyEvent(WatchDescriptor(-1), InotifyConstants.IN_Q_OVERFLOW, 0, b"")
-        return [*events[:size], overflow]
-
-    def handle_event(self, event: InotifyEvent) -> None:
-        if event.is_queue_overflow:
-            # Not watchdog's rebuild in place: every watch it removes queues an IN_IGNORED, so a tree
-            # of more folders than the queue holds overflows again at once, forever.
-            self._on_overflow()
-            return
-        super().handle_event(event)
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception:
-            logger.exception("inotify reader thread failed")
-        finally:
-            if not self.stopped_event.is_set():
-                self._on_death()
-
-
-class _Observer(BaseObserver):
-    """An inotify observer on an inotify instance of its own, which reports its thread's end."""
-
-    def __init__(
-        self,
-        *,
-        on_overflow: Callable[[], None],
-        on_death: Callable[[], None],
-        on_limit: Callable[[str, int], None],
-        on_emitter_exit: Callable[[str], None],
-        faults: InotifyFaults | None,
-    ) -> None:
-        self.fd = _InotifyFD(on_overflow, on_death, faults)
-        self.fd.start()
-        super().__init__(_Emitter, inotify_fd=self.fd, on_limit=on_limit, on_exit=on_emitter_exit)
-        self._on_death = on_death
-
-    def emitter_alive(self, watch: ObservedWatch) -> bool:
-        return any(emitter.watch == watch and emitter.is_alive() for emitter in self.emitters)
-
-    def threads_alive(self) -> bool:
-        return self.is_alive() and self.fd.is_alive()
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception:
-            logger.exception("inotify event dispatcher failed")
-        finally:
-            if not self.stopped_event.is_set():
-                self._on_death()
-
-    def on_thread_stop(self) -> None:
-        super().on_thread_stop()
-        self.fd.stop()
-        self.fd.join()
-
-
-class _ParentWatches:
-    """The watches on the parents of sessions folders (a watchdog WatchCallback): any event about
-    the sessions folder's name, or the parent itself going, asks for a check of that project."""
-
-    def __init__(self, on_change: Callable[[str], None]) -> None:
-        self._on_change = on_change
-        self._lock = threading.Lock()
-        self._by_wd: dict[int, dict[str, bytes]] = {}  # wd -> project -> name of its sessions folder
-
-    @property
-    def id(self) -> CallbackId:
-        return CallbackId(id(self))
-
-    def add(self, wd: int, project: str, name: str) -> None:
-        with self._lock:
-            self._by_wd.setdefault(wd, {})[project] = os.fsencode(name)
-
-    def discard(self, wd: int, project: str) -> bool:
-        """Forget `project` on `wd`; True when no project is left on it (the watch can go)."""
-        with self._lock:
-            projects = self._by_wd.get(wd, {})
-            projects.pop(project, None)
-            if projects:
-                return False
-            self._by_wd.pop(wd, None)
-            return True
-
-    def on_event(self, event: InotifyEvent) -> None:
-        itself = event.is_delete_self or event.is_move_self
-        with self._lock:
-            names = dict(self._by_wd.get(event.wd, {}))
-        for project, name in names.items():
-            if itself or event.name == name:
-                self._on_change(project)
-
-    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
-        with self._lock:
-            projects = list(self._by_wd.pop(wd, {}))
-        for project in projects:
-            self._on_change(project)
-
-    def on_queue_overflow(self) -> None:
-        """Overflow is reported by the inotify instance itself (`_InotifyFD`), once for all."""
-
-
 # --- the watcher ---------------------------------------------------------------------------------
 
 
@@ -464,7 +83,7 @@ class _Project:
     sessions_dir: str  # as given, absolute
     watched_dir: str  # its real path: what the recursive watch is on
     state: ProjectState = "missing"
-    watch: ObservedWatch | None = None
+    watch: TreeWatch | None = None
     ident: tuple[int, int] | None = None  # (device, inode) of the watched folder
     parent_wd: int | None = None
     parent_ident: tuple[int, int] | None = None
@@ -472,22 +91,6 @@ class _Project:
     next_retry: float | None = None  # fallback, or missing unobserved: when to try again
     backoff: float = 0.0
     retries: int = 0
-
-
-class _Handler(FileSystemEventHandler):
-    """Translates one project's watchdog events into keys. Runs on watchdog's dispatcher thread,
-    where an exception would end the thread silently: it catches everything."""
-
-    def __init__(self, watcher: SessionWatcher, project: str, watched_dir: str) -> None:
-        self._watcher = watcher
-        self._project = project
-        self._dir = watched_dir
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        try:
-            self._watcher._on_fs_event(self._project, self._dir, event)
-        except Exception as exc:
-            self._watcher._handler_failed(self._project, exc)
 
 
 Resync = tuple[str, str]
@@ -516,8 +119,7 @@ class SessionWatcher:
         self._lock = threading.RLock()
         self._signal = threading.Condition(threading.Lock())
         self._projects: dict[str, _Project] = {}
-        self._observer: _Observer | None = None
-        self._parents = _ParentWatches(self._request_check)
+        self._observer: InotifySource | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._hinted: set[int] = set()  # limits whose sysctl hint was logged
@@ -528,7 +130,6 @@ class SessionWatcher:
         # under _signal: the inbox, the next timer, the counters
         self._checks: set[str] = set()  # projects, or "\0" + watched folder (emitter ended)
         self._limit_hits: dict[str, int] = {}  # watched folder -> errno
-        self._arming_limits: dict[str, int] = {}  # the same, read by _arm
         self._overflowed = False
         self._observer_died = False
         self._wake_at: float | None = None
@@ -561,7 +162,6 @@ class SessionWatcher:
                 entry.watch, entry.parent_wd = None, None
         if observer is not None:
             observer.stop()
-            observer.join()
 
     def watch(self, project: str, sessions_dir: str) -> bool:
         """Watch `project`'s sessions folder: True when live; False when the folder is missing (its
@@ -615,10 +215,9 @@ class SessionWatcher:
 
     # --- called on watchdog's threads: take _signal only ---
 
-    def _on_fs_event(self, project: str, watched_dir: str, event: FileSystemEvent) -> None:
+    def _on_fs_event(self, project: str, watched_dir: str, change: FsEvent) -> None:
         with self._signal:
             self._counts["events"] += 1
-        change = _fs_event(event)
         if change.src == watched_dir:
             # IN_DELETE_SELF of the sessions folder (its emitter has stopped itself).
             self._request_check(project)
@@ -644,9 +243,6 @@ class SessionWatcher:
     def _limit_hit(self, watched_dir: str, err: int) -> None:
         with self._signal:
             self._limit_hits.setdefault(watched_dir, err)
-            # Also kept apart for _arm, which runs the schedule that raised it on its own thread:
-            # the maintenance thread may have emptied the inbox before _arm looks.
-            self._arming_limits.setdefault(watched_dir, err)
             self._signal.notify()
 
     def _emitter_exited(self, watched_dir: str) -> None:
@@ -742,7 +338,7 @@ class SessionWatcher:
             and ident == entry.ident
             and observer is not None
             and entry.watch is not None
-            and observer.emitter_alive(entry.watch)
+            and observer.tree_alive(entry.watch)
         ):
             if entry.parent_wd is None:
                 # The sessions folder stayed but its parent changed: watch the new parent. Only
@@ -811,12 +407,12 @@ class SessionWatcher:
         if ident is None:
             self._enter_missing(entry, backoff)
             return entry.state
-        handler = _Handler(self, entry.project, entry.watched_dir)
-        with self._signal:
-            self._arming_limits.pop(entry.watched_dir, None)
+        project, watched_dir = entry.project, entry.watched_dir
         try:
-            entry.watch = observer.schedule(
-                handler, entry.watched_dir, recursive=True, event_filter=EVENT_FILTER
+            entry.watch = observer.watch_tree(
+                watched_dir,
+                on_event=lambda change: self._on_fs_event(project, watched_dir, change),
+                on_error=lambda exc: self._handler_failed(project, exc),
             )
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -824,8 +420,7 @@ class SessionWatcher:
             else:
                 self._enter_fallback(entry, exc.errno or 0, backoff, exc)
             return entry.state
-        with self._signal:
-            err = self._arming_limits.pop(entry.watched_dir, None)
+        err = entry.watch.partial
         if err is not None:
             # The sessions folder is watched but some session folders below it are not: such a
             # partial watch would miss those sessions silently, so the whole project falls back.
@@ -835,7 +430,7 @@ class SessionWatcher:
         entry.state, entry.ident, entry.next_scan = "live", ident, None
         return entry.state
 
-    def _add_parent_watch(self, observer: _Observer, entry: _Project) -> None:
+    def _add_parent_watch(self, observer: InotifySource, entry: _Project) -> None:
         parent, name = os.path.dirname(entry.sessions_dir), os.path.basename(entry.sessions_dir)
         # While the parent is missing too (a branch without agents/ checked out), the nearest folder
         # of the project that exists is watched for the missing one's return, alone (never
@@ -844,26 +439,22 @@ class SessionWatcher:
         while parent.startswith(entry.project + os.sep) and _ident(parent) is None:
             parent, name = os.path.dirname(parent), os.path.basename(parent)
         ident = _ident(parent)
-        path = os.fsencode(parent)
-        wd = observer.fd.add_callback(path, _PARENT_MASK, self._parents, self._parents.id)
-        if wd == -1:
-            return  # EACCES, let through by watchdog: nothing is watched
-        self._parents.add(wd, entry.project, name)
+        wd = observer.watch_parent(parent, entry.project, name)
+        if wd is None:
+            return  # EACCES: nothing is watched
         entry.parent_wd, entry.parent_ident = wd, ident
 
     def _drop_parent(self, entry: _Project) -> None:
         wd, entry.parent_wd, entry.parent_ident = entry.parent_wd, None, None
         observer = self._observer
-        if wd is not None and self._parents.discard(wd, entry.project) and observer is not None:
-            observer.fd.remove_callbacks([(WatchDescriptor(wd), self._parents.id)])
+        if wd is not None and observer is not None:
+            observer.drop_parent(wd, entry.project)
 
     def _disarm(self, entry: _Project, *, keep_parent: bool = False) -> None:
         observer = self._observer
         watch, entry.watch = entry.watch, None
         if observer is not None and watch is not None:
-            # A watch whose emitter ended by itself (its folder deleted) is still registered.
-            with contextlib.suppress(KeyError):
-                observer.unschedule(watch)
+            observer.unwatch_tree(watch)
         if not keep_parent:
             self._drop_parent(entry)
 
@@ -930,17 +521,18 @@ class SessionWatcher:
 
     # --- the observer ---
 
-    def _ensure_observer(self) -> _Observer | None:
+    def _ensure_observer(self) -> InotifySource | None:
         """The observer, created when there is none; None when no inotify instance can be had
         (every project then falls back, and each retry tries again)."""
         if self._observer is not None:
             return self._observer
         try:
-            observer = _Observer(
+            observer = InotifySource(
                 on_overflow=self._on_overflow,
                 on_death=self._on_death,
                 on_limit=self._limit_hit,
-                on_emitter_exit=self._emitter_exited,
+                on_tree_exit=self._emitter_exited,
+                on_parent_change=self._request_check,
                 faults=self._faults,
             )
         except OSError as exc:
@@ -976,12 +568,10 @@ class SessionWatcher:
         old, self._observer = self._observer, None
         if old is not None:
             try:
-                old.stop()
-                old.join(timeout=5)
+                old.stop(timeout=5)
             except Exception:
                 logger.exception("stopping the old inotify observer failed")
         # Its watches, parent ones included, went with its inotify instance.
-        self._parents = _ParentWatches(self._request_check)
         for entry in self._projects.values():
             entry.watch, entry.parent_wd, entry.parent_ident = None, None, None
             before = entry.state

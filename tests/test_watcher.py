@@ -25,12 +25,8 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from sessionsync.daemon.watcher import (
-    InotifyFaults,
-    SessionWatcher,
-    _PromptDelayedQueue,
-    _watches_held,
-)
+from sessionsync.daemon.inotify_source import InotifyFaults, PromptDelayedQueue, watches_held
+from sessionsync.daemon.watcher import SessionWatcher
 from sessionsync.models.keys import SessionKey
 from tests.conftest import Recorder
 from tests.daemon_harness import Sysctl, user_namespaces_usable
@@ -284,12 +280,12 @@ def test_a_dead_observer_is_restarted_and_everything_resynced(
     rec: Recorder, watcher: SessionWatcher, proj: Project
 ) -> None:
     # Fault injection: an entry the dispatcher cannot unpack raises inside watchdog's thread.
-    observer = watcher._observer
-    assert observer is not None
-    observer.event_queue.put(("not an (event, watch) pair",))  # type: ignore[arg-type]
+    source = watcher._observer
+    assert source is not None
+    source.observer.event_queue.put(("not an (event, watch) pair",))  # type: ignore[arg-type]
     rec.expect_resync(proj.name, "inotify observer restarted")
     assert watcher.counters()["observer_restarts"] == 1
-    assert watcher._observer is not observer
+    assert watcher._observer is not source
     assert watcher.is_alive()
     rec.clear()
     proj.write("after")
@@ -396,13 +392,13 @@ def test_watches_beyond_the_seams_limit_fail_like_the_kernels(
     first, second = Project(tmp_path / "first"), Project(tmp_path / "second")
     for p in (first, second):
         (p.sessions / "s0").mkdir()
-    held = _watches_held()
+    held = watches_held()
     faults.max_user_watches = held + 3
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), format="{message}", level="WARNING")
     try:
         assert watcher.watch(first.name, str(first.sessions))
-        assert _watches_held() == held + 3
+        assert watches_held() == held + 3
         assert not watcher.watch(second.name, str(second.sessions))
         assert watcher.projects() == {first.name: "live", second.name: "fallback"}
         rec.expect_resync(second.name, "periodic scan (no inotify watch)")
@@ -524,7 +520,7 @@ def test_thousands_of_sessions_start_quickly_and_events_flow(
 def test_a_paired_rename_is_released_at_once() -> None:
     # watchdog holds an IN_MOVED_FROM to pair it; once paired (removed), what follows must not
     # wait out the hold. Here the hold is 60 s, so only a prompt release passes.
-    queue: _PromptDelayedQueue[str] = _PromptDelayedQueue(60.0)
+    queue: PromptDelayedQueue[str] = PromptDelayedQueue(60.0)
     got: list[str | None] = []
     done = threading.Event()
 
