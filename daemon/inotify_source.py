@@ -575,10 +575,12 @@ class InotifySource:
             partial = self._arming.pop(path, None)
         return TreeWatch(path, watch, partial)
 
-    def tree_alive(self, tree: TreeWatch) -> bool:
+    def tree_alive(self, tree: object) -> bool:
+        assert isinstance(tree, TreeWatch), tree  # only ever one of ours
         return any(emitter.watch == tree.watch and emitter.is_alive() for emitter in self.observer.emitters)
 
-    def unwatch_tree(self, tree: TreeWatch) -> None:
+    def unwatch_tree(self, tree: object) -> None:
+        assert isinstance(tree, TreeWatch), tree
         # A watch whose emitter ended by itself (its folder deleted) is still registered.
         with contextlib.suppress(KeyError):
             self.observer.unschedule(tree.watch)
