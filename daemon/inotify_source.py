@@ -3,7 +3,7 @@
 This is the one module that reaches below watchdog's public API (pinned in pyproject.toml), for
 what the public surface does not give: a hook on queue overflow, a signal when one of its threads
 ends, the watch-limit errors it swallows below the root of a recursive watch, prompt delivery of
-a rename, plain watches on parent folders, and the test seam for the inotify limits (InotifyFaults).
+a rename, plain watches on parent folders, and the hooks of the test seam (inotify_faults.py).
 Every private member it overrides or touches is named in WATCHDOG_PRIVATE_MEMBERS, which
 tests/test_inotify_source.py checks against the installed watchdog.
 """
@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -48,6 +48,7 @@ from watchdog.observers.inotify_c import (
 )
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper, PathedInotifyEvent
 
+from sessionsync.daemon.inotify_faults import InotifyFaults
 from sessionsync.daemon.session_paths import EventKind, FsEvent
 
 if TYPE_CHECKING:
@@ -98,9 +99,6 @@ _PARENT_MASK = Mask(
     | InotifyConstants.IN_DONT_FOLLOW
 )
 
-# Test seam (see InotifyFaults): a folder standing in for /proc/sys/fs/inotify, for a daemon subprocess.
-INOTIFY_SYSCTL_ENV = "SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR"
-
 T = TypeVar("T")
 
 # `mkdir -p a/b/c` in a session: watchdog's walk of the new `a` watches b and c, then the queued
@@ -112,74 +110,6 @@ warnings.filterwarnings(
     category=RuntimeWarning,
     module=r"sessionsync\.daemon\.inotify_source",
 )
-
-
-# --- the test seam -------------------------------------------------------------------------------
-
-
-@dataclass
-class InotifyFaults:
-    """Test seam: the kernel's inotify limits, lowered for this process only, so that tests reach
-    queue overflow and ENOSPC without changing the machine's sysctls under every other process.
-
-    `max_queued_events`: a read from an inotify instance that returns more events than this means a
-    queue of that size would have overflowed: the rest are dropped and IN_Q_OVERFLOW (wd -1) takes
-    their place, as the kernel delivers it. Read when an instance is created, like the sysctl.
-    `max_user_watches`: adding a watch while this process holds that many fails with ENOSPC. Read at
-    each watch added, like the sysctl. `fail_watch(path)`: called before each watch is added; it may
-    raise OSError. `sysctl_dir`: a folder whose files `max_queued_events` and `max_user_watches`, when
-    present, give those two values instead (re-read each time, so a test can lower and restore them
-    while a daemon runs); `from_env` takes it from $SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR.
-    """
-
-    max_queued_events: int | None = None
-    max_user_watches: int | None = None
-    fail_watch: Callable[[str], None] | None = None
-    sysctl_dir: str | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> InotifyFaults | None:
-        folder = env.get(INOTIFY_SYSCTL_ENV, "")
-        return cls(sysctl_dir=folder) if folder else None
-
-    def queued_events(self) -> int | None:
-        return self._value("max_queued_events", self.max_queued_events)
-
-    def user_watches(self) -> int | None:
-        return self._value("max_user_watches", self.max_user_watches)
-
-    def before_watch(self, path: bytes) -> None:
-        """Raise what the kernel (or the test) would for adding a watch on `path` now."""
-        if self.fail_watch is not None:
-            self.fail_watch(os.fsdecode(path))
-        limit = self.user_watches()
-        if limit is not None and watches_held() >= limit:
-            raise OSError(errno.ENOSPC, "inotify watch limit reached")
-
-    def _value(self, name: str, given: int | None) -> int | None:
-        if self.sysctl_dir is None:
-            return given
-        try:
-            with open(os.path.join(self.sysctl_dir, name), encoding="ascii") as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return given
-        return int(text) if text else given
-
-
-def watches_held() -> int:
-    """inotify watches this process holds, counted by the kernel (one `inotify wd:` line each in
-    the fdinfo of every inotify descriptor), as the limit counts them."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
-                continue
-            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
-                count += f.read().count("inotify wd:")
-        except OSError:
-            continue  # closed meanwhile (the listing's own descriptor, or another thread's)
-    return count
 
 
 # --- prompt renames ------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from typing import Protocol
 
 from loguru import logger
 
-from sessionsync.daemon.inotify_source import INOTIFY_SYSCTL_ENV, LIMIT_ERRNOS, InotifyFaults, InotifySource
+from sessionsync.daemon.inotify_faults import INOTIFY_SYSCTL_ENV, InotifyFaults
+from sessionsync.daemon.inotify_source import LIMIT_ERRNOS, InotifySource
 from sessionsync.daemon.session_paths import FsEvent, event_slugs
 from sessionsync.daemon.watch_state import (
     LIMITS,

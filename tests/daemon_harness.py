@@ -36,7 +36,7 @@ from sqlalchemy.pool import NullPool
 from sessionsync.daemon.config import Config
 from sessionsync.daemon.control.client import request as control_request
 from sessionsync.daemon.errors import SessionSyncError
-from sessionsync.daemon.inotify_source import INOTIFY_SYSCTL_ENV
+from sessionsync.daemon.inotify_faults import INOTIFY_SYSCTL_ENV
 from sessionsync.models.tables import projects, session_events, sessions
 from tests.conftest import sysctl_lock_path
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from sessionsync.daemon.inotify_source import InotifyFaults
+from sessionsync.daemon.inotify_faults import InotifyFaults
 from sessionsync.daemon.session_paths import FsEvent
 from sessionsync.daemon.watch_state import (
     RESYNC_CREATED,

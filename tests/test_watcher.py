@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from sessionsync.daemon.inotify_source import InotifyFaults, PromptDelayedQueue, watches_held
+from sessionsync.daemon.inotify_faults import InotifyFaults, watches_held
+from sessionsync.daemon.inotify_source import PromptDelayedQueue
 from sessionsync.daemon.watcher import SessionWatcher
 from sessionsync.models.keys import SessionKey
 from tests.conftest import Recorder
