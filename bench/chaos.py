@@ -7,6 +7,9 @@ Every decision comes from `random.Random(seed)`, and faults are spaced and heale
 counts, not by time: a seed replays the same operations and faults (timing jitter aside). The last
 15 % of a run is calm (faults healed, daemon started, writes go on), so the check also proves the
 live path, not only the reconcile of a restart.
+The overflow and watch-limit faults lower the daemon's own inotify limits through the watcher's
+test seam (stand-in files for the sysctls); `--real-sysctl` lowers the machine's fs.inotify
+sysctls instead (root; for a moment, under every process on the machine).
 Run:  .venv/bin/python bench/chaos.py --seed 7 --seconds 60 --db postgres
       .venv/bin/python bench/chaos.py --seeds 1-20 --seconds 60 --db sqlite
 Exits 1 on any divergence (a row that differs from the files) or daemon error (a wrong exit
@@ -49,10 +52,12 @@ from sessionsync.models.tables import projects as projects_table  # noqa: E402
 from tests.daemon_harness import (  # noqa: E402
     Daemon,
     Sysctl,
+    SysctlStandIn,
     converged,
     engine,
     proxied_url,
     rows,
+    stand_in_env,
     url_target,
     watches_in_use,
 )
@@ -122,7 +127,8 @@ class _Fault:
 
 class Chaos:
     """One seeded run against one database; `run()` returns the Outcome. Owns the daemon, the
-    proxy (PostgreSQL) and the sysctls it lowers, and puts them all back."""
+    proxy (PostgreSQL) and the inotify limits it lowers (the daemon's own through the seam, or
+    with `real_sysctl` the machine's), and puts them all back."""
 
     def __init__(
         self,
@@ -132,6 +138,7 @@ class Chaos:
         workdir: Path,
         fault_gap: tuple[int, int] = DEFAULT_FAULT_GAP,
         max_ops: int | None = None,
+        real_sysctl: bool = False,
     ) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
@@ -148,6 +155,10 @@ class Chaos:
         if max_ops is not None:
             self.out.options += f" --max-ops {max_ops}"
         self.max_ops = max_ops  # stop before `seconds` when reached: the test's fixed sequence
+        self.real_sysctl = real_sysctl
+        if real_sysctl:
+            self.out.options += " --real-sysctl"
+        self.stand_ins = self.work / "inotify-sysctl"  # read by the daemon's seam (unless real_sysctl)
         self.deck: list[str] = []
         self.present: dict[Path, bool] = {}  # project -> its sessions folder exists
         self.sessions: dict[Path, set[str]] = {}  # project -> session folders
@@ -178,7 +189,10 @@ class Chaos:
                     daemon_url,
                     projects=[self.explicit],
                     roots=[self.root],
-                    env={FALLBACK_SCAN_ENV: "1"},
+                    env={
+                        FALLBACK_SCAN_ENV: "1",
+                        **({} if self.real_sysctl else stand_in_env(self.stand_ins)),
+                    },
                     debounce_ms=debounce,
                     max_delay_ms=debounce * 10,
                     threads=self.rng.choice((1, 2, 4)),
@@ -672,10 +686,16 @@ class Chaos:
             self._error(f"the daemon exited by itself with {daemon.proc and daemon.proc.returncode}")
             daemon.start()
 
-    def _restart_with(self, sysctl: Sysctl, value: Callable[[], str]) -> dict[str, Any]:
+    def _knob(self, name: str) -> Sysctl | SysctlStandIn:
+        """The inotify limit `name` as the faults lower it: the daemon's stand-in, or the machine's."""
+        return Sysctl(name) if self.real_sysctl else SysctlStandIn(self.stand_ins, name)
+
+    def _restart_with(self, sysctl: Sysctl | SysctlStandIn, value: Callable[[], str]) -> dict[str, Any]:
         """kill -9, then start with `sysctl` lowered from the moment the daemon's run() begins
         (before it watches anything) until every project has its watch state; returns the status.
-        The lowered window stays short: the setting is the whole machine's."""
+        The lowered window stays short: a real sysctl is the whole machine's, and the daemon
+        reads the limits as the kernel does (the queue size per new inotify instance, the watch
+        limit at each watch added), so the healing that follows is the same with either."""
         daemon = self._d()
         daemon.kill()
         daemon.start()
@@ -698,7 +718,7 @@ class Chaos:
 
     def _overflow(self) -> None:
         """A tiny inotify queue for the restarted daemon, then a flood while it is frozen."""
-        with Sysctl("fs.inotify.max_queued_events") as queue:
+        with self._knob("fs.inotify.max_queued_events") as queue:
             self._restart_with(queue, lambda: "16")
         os.kill(self._d().pid, signal.SIGSTOP)
         try:
@@ -709,12 +729,14 @@ class Chaos:
 
     def _watch_limit(self) -> None:
         """Fewer inotify watches than the daemon needs: about half its projects cannot be watched
-        and must be scanned periodically instead (the limit is put back at once after)."""
+        and must be scanned periodically instead (the limit is put back at once after). The seam
+        counts the daemon's watches only; the machine's limit counts every process's."""
         projects = self._live_projects()
         need = [1 + sum(1 for _ in os.walk(p / SESSIONS)) for p in projects]
         budget = sum(need[: len(need) // 2])
-        with Sysctl("fs.inotify.max_user_watches") as watches:
-            status = self._restart_with(watches, lambda: str(watches_in_use() + budget))
+        in_use: Callable[[], int] = watches_in_use if self.real_sysctl else lambda: 0
+        with self._knob("fs.inotify.max_user_watches") as watches:
+            status = self._restart_with(watches, lambda: str(in_use() + budget))
         fallback = sum(w["state"] == "fallback" for w in status.get("watch", []))
         self.out.notes.append(
             f"watch limit: {fallback} of {len(status.get('watch', []))} project(s) fell back"
@@ -846,18 +868,21 @@ def run_seed(
     keep: bool,
     fault_gap: tuple[int, int],
     max_ops: int | None,
+    real_sysctl: bool = False,
 ) -> Outcome:
     """One seed in a fresh folder and database; the folder is removed unless it diverged."""
     work = Path(tempfile.mkdtemp(prefix=f"chaos-{db}-{seed}-", dir="/tmp"))
     outcome = Outcome(seed, db, seconds)
     try:
         if db == "sqlite":
-            chaos = Chaos(seed, seconds, f"sqlite:///{work / 'sessions.db'}", work, fault_gap, max_ops)
+            chaos = Chaos(
+                seed, seconds, f"sqlite:///{work / 'sessions.db'}", work, fault_gap, max_ops, real_sysctl
+            )
             outcome = chaos.out
             chaos.run()
         else:
             with postgres_schema(pg_url, seed, lambda: keep or outcome.failed) as url:
-                chaos = Chaos(seed, seconds, url, work, fault_gap, max_ops)
+                chaos = Chaos(seed, seconds, url, work, fault_gap, max_ops, real_sysctl)
                 outcome = chaos.out
                 chaos.run()
     except Exception as exc:
@@ -895,13 +920,20 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the folders and schemas")
     parser.add_argument("--fault-gap", default="120-400", help="operations between two faults, a range")
     parser.add_argument("--max-ops", type=int, help="stop after this many operations (or --seconds)")
+    parser.add_argument(
+        "--real-sysctl",
+        action="store_true",
+        help="overflow and watch_limit lower the machine's fs.inotify sysctls (root), not the daemon's own",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
     outcomes = []
     for seed in _seeds(args):
         low, _, high = args.fault_gap.partition("-")
         gap = (int(low), int(high or low))
-        outcome = run_seed(seed, args.seconds, args.db, args.pg_url, args.keep, gap, args.max_ops)
+        outcome = run_seed(
+            seed, args.seconds, args.db, args.pg_url, args.keep, gap, args.max_ops, args.real_sysctl
+        )
         outcomes.append(outcome)
         print(outcome.line(), flush=True)
         for problem in outcome.divergences:

@@ -40,7 +40,7 @@ from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
 from sessionsync.daemon.store import ProjectRef, Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
 from sessionsync.daemon.version import version
-from sessionsync.daemon.watcher import RESYNC_FALLBACK, SessionWatcher
+from sessionsync.daemon.watcher import RESYNC_FALLBACK, InotifyFaults, SessionWatcher
 from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
@@ -150,6 +150,7 @@ class Service:
             on_key=self.debounce.touch,
             on_resync=self._resync_soon,
             fallback_scan_s=float(self._env.get(FALLBACK_SCAN_ENV) or 30.0),
+            faults=InotifyFaults.from_env(self._env),  # test seam: stand-ins for inotify limits
         )
         self.schedule = Schedule(nightly=self._nightly, discover=self.rediscover)
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)

@@ -3,13 +3,21 @@ folders written like agents write them, and a deadline-based wait.
 
 PostgreSQL comes from $SESSIONSYNC_TEST_PG_URL; without it those tests skip, unless $CI is
 set, where they fail: CI must never pass by skipping the production database.
+
+Tests marked `sysctl` lower machine-wide inotify settings for a moment, under every process on the
+box; they run only with SESSIONSYNC_TEST_SYSCTL=1 (CI sets it). Whatever runs, the session fails
+if any inotify setting differs at the end from what it was at the start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -25,6 +33,74 @@ from sessionsync.models.keys import SessionKey
 FIXTURES = Path(__file__).parent / "fixtures" / "state-json"
 PG_URL = os.environ.get("SESSIONSYNC_TEST_PG_URL", "")
 IN_CI = bool(os.environ.get("CI"))
+SYSCTL_ENV = "SESSIONSYNC_TEST_SYSCTL"
+# The machine-wide inotify settings. fs.inotify.max_user_{watches,instances} and
+# user.max_inotify_{watches,instances} are two names for one value each (the initial user
+# namespace's); both are read, and both names' locks are taken.
+INOTIFY_SYSCTL_GLOBS = ("/proc/sys/fs/inotify/*", "/proc/sys/user/max_inotify_*")
+SETTLE_LOCK_S = 300.0
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("sysctl") is None:
+        return
+    if os.environ.get(SYSCTL_ENV) != "1":
+        pytest.skip(f"changes machine-wide inotify sysctls; set {SYSCTL_ENV}=1 to run it (CI does)")
+    if os.geteuid() != 0:
+        pytest.skip("changing sysctls needs root")
+
+
+def sysctl_lock_path(name: str) -> Path:
+    """The lock file a run holds (exclusively) while it has lowered the setting `name`
+    (`fs.inotify.max_queued_events`), so that no other run reads the lowered value as the original."""
+    return Path(tempfile.gettempdir()) / f"sessionsync-sysctl-{name}.lock"
+
+
+def _sysctl_name(path: str) -> str:
+    return path.removeprefix("/proc/sys/").replace("/", ".")
+
+
+def inotify_sysctls() -> dict[str, str]:
+    """Every inotify setting under /proc/sys, by path, read while no run of ours has one lowered
+    (shared locks on every setting's lock, waiting up to SETTLE_LOCK_S for a holder to put it back)."""
+    paths = sorted(p for pattern in INOTIFY_SYSCTL_GLOBS for p in glob.glob(pattern))
+    with contextlib.ExitStack() as stack:
+        deadline = time.monotonic() + SETTLE_LOCK_S
+        for path in paths:
+            fd = os.open(sysctl_lock_path(_sysctl_name(path)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            stack.callback(os.close, fd)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"{path} stayed locked (lowered by another run) for {SETTLE_LOCK_S} s"
+                        ) from None
+                    time.sleep(0.05)
+        return {path: Path(path).read_text().strip() for path in paths}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_inotify_settings_unchanged() -> Iterator[None]:
+    """Fails the run when a test left a machine-wide inotify setting changed, naming it with its value
+    before and after, and puts the value back: tests use the watcher's seam (InotifyFaults) or a user
+    namespace of their own, and only `sysctl` tests may lower a setting, for a moment."""
+    before = inotify_sysctls()
+    yield
+    after = inotify_sysctls()
+    changed = {path: (was, after.get(path)) for path, was in before.items() if after.get(path) != was}
+    if not changed:
+        return
+    for path, (was, _) in changed.items():
+        with contextlib.suppress(OSError):
+            Path(path).write_text(was)
+    lines = [
+        f"{path}: {was} before the run, {now} after it (put back to {was})"
+        for path, (was, now) in changed.items()
+    ]
+    pytest.fail("the tests changed machine-wide inotify settings:\n  " + "\n  ".join(lines), pytrace=False)
 
 
 def require_postgres() -> str:

@@ -36,7 +36,9 @@ from sqlalchemy.pool import NullPool
 from sessionsync.daemon.config import Config
 from sessionsync.daemon.control.client import request as control_request
 from sessionsync.daemon.errors import SessionSyncError
+from sessionsync.daemon.inotify_faults import INOTIFY_SYSCTL_ENV
 from sessionsync.models.tables import projects, session_events, sessions
+from tests.conftest import sysctl_lock_path
 
 SESSIONSYNC = Path(sys.executable).parent / "sessionsync"
 SESSIONS_SUBDIR = "agents/sessions"
@@ -74,7 +76,8 @@ class Daemon:
     """One `sessionsync run` on a config written into `tmp`; restartable with `start()`.
 
     Keyword overrides are config keys by their bare name (`debounce_ms=50`,
-    `discover_interval_s=1`); `env` adds variables to the daemon's sealed environment.
+    `discover_interval_s=1`); `env` adds variables to the daemon's sealed environment;
+    `command_prefix` runs it through a wrapper that execs it (a user namespace, say).
     As a context manager: started on entry, killed on exit, and on a failure inside the block
     the log's last lines are attached to the error.
     """
@@ -87,9 +90,12 @@ class Daemon:
         projects: Iterable[Path | str] = (),
         roots: Iterable[Path | str] = (),
         env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
         **overrides: Any,
     ) -> None:
         self.tmp = tmp
+        # Run through this first (e.g. `unshare --user ...`); it must exec the command it is given.
+        self.command_prefix = list(command_prefix)
         self.db_url = db_url
         self.config_path = tmp / "sessionsync.toml"
         self.log_path = tmp / "daemon.log"
@@ -122,7 +128,7 @@ class Daemon:
         self._started_lines = self.log_count(STARTED_LINE)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [str(SESSIONSYNC), "run", "--config", str(self.config_path)],
+                [*self.command_prefix, str(SESSIONSYNC), "run", "--config", str(self.config_path)],
                 env=self.env,
                 cwd=self.tmp,
                 stdin=subprocess.DEVNULL,
@@ -539,15 +545,16 @@ def watches_in_use() -> int:
 
 class Sysctl:
     """A kernel setting under /proc/sys (root only), changed by `set` and put back by `restore`
-    (idempotent, and always on leaving the `with` block).
+    (idempotent, and always on leaving the `with` block). Machine-wide: only for tests marked
+    `sysctl` and for bench/chaos.py when asked; everything else uses SysctlStandIn.
 
-    The settings are machine-wide and several test runs may share the machine: from the first
-    `set` to `restore`, an exclusive lock file per setting is held, so no other run reads our
-    lowered value as its "original" (and leaves it behind) or lowers it under us."""
+    Several test runs may share the machine: from the first `set` to `restore`, an exclusive lock
+    file per setting is held, so no other run reads our lowered value as its "original" (and
+    leaves it behind) or lowers it under us; the session guard in conftest reads under it too."""
 
     def __init__(self, name: str) -> None:
         self.path = Path("/proc/sys") / name.replace(".", "/")
-        self._lock_path = Path(tempfile.gettempdir()) / f"sessionsync-sysctl-{name}.lock"
+        self._lock_path = sysctl_lock_path(name)
         self._lock_fd: int | None = None
         self.original = self.path.read_text().strip()
 
@@ -575,3 +582,50 @@ class Sysctl:
         self, _type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
     ) -> None:
         self.restore()
+
+
+class SysctlStandIn:
+    """A file standing in for one inotify sysctl (`fs.inotify.max_queued_events` or
+    `fs.inotify.max_user_watches`) for a daemon started with `stand_in_env(folder)`: the watcher's
+    test seam (InotifyFaults) reads it as the kernel reads the real one, so the limit applies to that
+    daemon alone and nothing on the machine changes. Same API as Sysctl."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / name.rsplit(".", 1)[-1]
+        self.original = ""
+
+    def set(self, value: str) -> None:
+        self.path.write_text(value)
+
+    def restore(self) -> None:
+        self.path.unlink(missing_ok=True)  # no file: the kernel's own limit
+
+    def __enter__(self) -> SysctlStandIn:
+        return self
+
+    def __exit__(
+        self, _type: type[BaseException] | None, _exc: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self.restore()
+
+
+def stand_in_env(folder: Path) -> dict[str, str]:
+    """The daemon environment that makes it read its inotify limits from SysctlStandIn files in `folder`."""
+    return {INOTIFY_SYSCTL_ENV: str(folder)}
+
+
+def user_namespace_prefix(max_inotify_watches: int) -> list[str]:
+    """A command prefix that runs the daemon in a user namespace of its own whose inotify watch
+    limit (/proc/sys/user/max_inotify_watches, per namespace) is `max_inotify_watches`: a real
+    ENOSPC from the kernel, counting only the daemon's watches, with nothing changed outside."""
+    script = f'echo {max_inotify_watches} > /proc/sys/user/max_inotify_watches && exec "$@"'
+    return ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh"]
+
+
+def user_namespaces_usable() -> str:
+    """Empty when `unshare --user` works here, else why not."""
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True, check=False)
+    return "" if probe.returncode == 0 else f"cannot create a user namespace: {probe.stderr.decode().strip()}"

@@ -3,7 +3,8 @@ PostgreSQL, with real signals. After every change the database must equal the fo
 (`converged`, an independent reading of the files) within a few seconds.
 
 Small debounce timings keep the file fast; outages go through a TCP proxy, so they are
-PostgreSQL-only.
+PostgreSQL-only. Inotify limits are lowered for the daemon alone (the watcher's seam, or a user
+namespace); the variants that lower the machine's sysctl are marked `sysctl`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from tests.conftest import fixture_doc, remove_session, wait_for, write_state
 from tests.daemon_harness import (
     Daemon,
     Sysctl,
+    SysctlStandIn,
     converged,
     events,
     proxied_url,
     rows,
+    stand_in_env,
     url_target,
-    watches_in_use,
+    user_namespace_prefix,
+    user_namespaces_usable,
 )
 from tests.tcp_proxy import TcpProxy
 
@@ -250,14 +254,21 @@ def test_second_daemon_on_the_same_config_exits_1_naming_the_first(
 
 
 @pytest.mark.timeout(60)
-def test_inotify_overflow_resyncs_and_converges(tmp_path: Path, project: Path) -> None:
+@pytest.mark.parametrize("queue", ["seam", pytest.param("sysctl", marks=pytest.mark.sysctl)])
+def test_inotify_overflow_resyncs_and_converges(tmp_path: Path, project: Path, queue: str) -> None:
     url = f"sqlite:///{tmp_path / 'sessions.db'}"
     write_state(project, "s0", doc("before the overflow"))
     # The queue limit is read when an inotify instance is created: lowered for the daemon's
     # start only, put back as soon as its watch is live.
-    with Sysctl("fs.inotify.max_queued_events") as queue_limit:
+    stand_ins = tmp_path / "inotify-sysctl"
+    knob: Sysctl | SysctlStandIn = (
+        SysctlStandIn(stand_ins, "fs.inotify.max_queued_events")
+        if queue == "seam"
+        else Sysctl("fs.inotify.max_queued_events")
+    )
+    with knob as queue_limit:
         queue_limit.set("16")
-        with Daemon(tmp_path, url, projects=[project], **FAST) as daemon:
+        with Daemon(tmp_path, url, projects=[project], env=stand_in_env(stand_ins), **FAST) as daemon:
             daemon.wait_ready()
             wait_for(lambda: daemon.status()["watch"] == [{"project": str(project), "state": "live"}])
             queue_limit.restore()
@@ -287,36 +298,45 @@ def test_inotify_overflow_resyncs_and_converges(tmp_path: Path, project: Path) -
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("limit", ["seam", "user-namespace"])
 def test_a_project_without_a_watch_is_scanned_and_only_a_scan_that_found_something_logs(
-    tmp_path: Path,
+    tmp_path: Path, limit: str
 ) -> None:
     watched, unwatched = tmp_path / "watched", tmp_path / "unwatched"
     for project in (watched, unwatched):
         write_state(project, "s0", doc("before start"))
     url = f"sqlite:///{tmp_path / 'sessions.db'}"
     scan_s = 0.2
-    # Watches for one project at most (its sessions folder and one session folder).
-    with Sysctl("fs.inotify.max_user_watches") as watches:
-        watches.set(str(watches_in_use() + 2))
-        with Daemon(
-            tmp_path,
-            url,
-            projects=[watched, unwatched],
-            env={"SESSIONSYNC_TEST_FALLBACK_SCAN_S": str(scan_s)},
-            **FAST,
-        ) as daemon:
-            daemon.wait_ready()
-            wait_for(lambda: "fallback" in {w["state"] for w in daemon.status()["watch"]})
-            watches.restore()
-            daemon.wait_started()
-            settle(url, [watched, unwatched])
-            # Scans that find nothing come and go without a line at INFO.
-            first = daemon.status()["counters"]["resyncs"]
-            wait_for(lambda: daemon.status()["counters"]["resyncs"] >= first + 5, timeout=10)
-            assert daemon.log_count("(periodic scan (no inotify watch))") == 0
-            # The project without a watch still follows its files, and that scan is logged.
-            fallback = next(Path(w["project"]) for w in daemon.status()["watch"] if w["state"] == "fallback")
-            write_state(fallback, "s1", doc("seen by a scan"))
-            settle(url, [watched, unwatched])
-            wait_for(lambda: daemon.log_count("(periodic scan (no inotify watch))") == 1, timeout=5)
-            assert daemon.stop() == 0
+    # Watches for one project (its agents/ folder, its sessions folder and its one session), counted
+    # for the daemon alone: by the seam, or by the kernel in a user namespace of its own. The limit
+    # stays for the whole test, so the other project stays unwatched; it changes nothing outside.
+    env = {"SESSIONSYNC_TEST_FALLBACK_SCAN_S": str(scan_s)}
+    prefix: list[str] = []
+    if limit == "seam":
+        stand_ins = tmp_path / "inotify-sysctl"
+        SysctlStandIn(stand_ins, "fs.inotify.max_user_watches").set("3")
+        env |= stand_in_env(stand_ins)
+    else:
+        why_not = user_namespaces_usable()
+        if why_not:
+            pytest.skip(why_not)
+        prefix = user_namespace_prefix(3)
+    with Daemon(
+        tmp_path, url, projects=[watched, unwatched], env=env, command_prefix=prefix, **FAST
+    ) as daemon:
+        daemon.wait_ready()
+        wait_for(lambda: "fallback" in {w["state"] for w in daemon.status()["watch"]})
+        assert sorted(w["state"] for w in daemon.status()["watch"]) == ["fallback", "live"]
+        assert daemon.log_count("sudo sysctl fs.inotify.max_user_watches=") == 1
+        daemon.wait_started()
+        settle(url, [watched, unwatched])
+        # Scans that find nothing come and go without a line at INFO.
+        first = daemon.status()["counters"]["resyncs"]
+        wait_for(lambda: daemon.status()["counters"]["resyncs"] >= first + 5, timeout=10)
+        assert daemon.log_count("(periodic scan (no inotify watch))") == 0
+        # The project without a watch still follows its files, and that scan is logged.
+        fallback = next(Path(w["project"]) for w in daemon.status()["watch"] if w["state"] == "fallback")
+        write_state(fallback, "s1", doc("seen by a scan"))
+        settle(url, [watched, unwatched])
+        wait_for(lambda: daemon.log_count("(periodic scan (no inotify watch))") == 1, timeout=5)
+        assert daemon.stop() == 0

@@ -2,7 +2,9 @@
 
 Waits are for conditions (a Condition with a deadline), never for time. Absence of a key is shown
 with a sentinel: events of one project arrive in order, so once a later write's key is in, an
-earlier event that would have produced a key has produced it.
+earlier event that would have produced a key has produced it. Queue overflow and the watch limit
+are reached through the watcher's seam (InotifyFaults), or a user namespace of the test's own;
+lowering the machine's sysctl instead is for tests marked `sysctl` only.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from sessionsync.daemon import watcher as watcher_mod
-from sessionsync.daemon.watcher import SessionWatcher, _PromptDelayedQueue, slug_for
+from sessionsync.daemon.inotify_faults import InotifyFaults, watches_held
+from sessionsync.daemon.inotify_source import PromptDelayedQueue
+from sessionsync.daemon.watcher import SessionWatcher
 from sessionsync.models.keys import SessionKey
 from tests.conftest import Recorder
+from tests.daemon_harness import Sysctl, user_namespaces_usable
 
 TIMEOUT = 5.0
 
@@ -71,11 +75,19 @@ def rec() -> Recorder:
 
 
 @pytest.fixture
-def make_watcher(rec: Recorder) -> Iterator[Callable[[], SessionWatcher]]:
+def faults() -> InotifyFaults:
+    """The seam every watcher of the test is made with; set its fields to inject faults."""
+    return InotifyFaults()
+
+
+@pytest.fixture
+def make_watcher(rec: Recorder, faults: InotifyFaults) -> Iterator[Callable[[], SessionWatcher]]:
     made: list[SessionWatcher] = []
 
     def make() -> SessionWatcher:
-        w = SessionWatcher(rec.on_key, rec.on_resync, fallback_scan_s=0.05, retry_backoff_s=(0.05, 0.2))
+        w = SessionWatcher(
+            rec.on_key, rec.on_resync, fallback_scan_s=0.05, retry_backoff_s=(0.05, 0.2), faults=faults
+        )
         made.append(w)
         return w
 
@@ -99,28 +111,6 @@ def proj(tmp_path: Path, watcher: SessionWatcher) -> Project:
     (p.sessions / "a" / "state.json").write_text("{}")
     assert watcher.watch(p.name, str(p.sessions))
     return p
-
-
-@pytest.mark.parametrize(
-    ("path", "is_dir", "slug"),
-    [
-        ("/s/a", True, "a"),
-        ("/s/a", False, None),  # a file right in the sessions folder
-        ("/s/a/state.json", False, "a"),
-        ("/s/a/spec.md", False, "a"),
-        ("/s/a/plan.json", False, "a"),
-        ("/s/a/plan.md", False, None),
-        ("/s/a/state.json.tmp", False, None),
-        ("/s/a/research/state.json", False, None),
-        ("/s/.trash", True, None),
-        ("/s/.trash/state.json", False, None),
-        ("/s", True, None),
-        ("/other/a/state.json", False, None),
-        ("/sx/a/state.json", False, None),
-    ],
-)
-def test_slug_for(path: str, is_dir: bool, slug: str | None) -> None:
-    assert slug_for("/s", path, is_directory=is_dir) == slug
 
 
 def test_state_json_written_in_place_replaced_and_deleted(rec: Recorder, proj: Project) -> None:
@@ -291,33 +281,40 @@ def test_a_dead_observer_is_restarted_and_everything_resynced(
     rec: Recorder, watcher: SessionWatcher, proj: Project
 ) -> None:
     # Fault injection: an entry the dispatcher cannot unpack raises inside watchdog's thread.
-    observer = watcher._observer
-    assert observer is not None
-    observer.event_queue.put(("not an (event, watch) pair",))  # type: ignore[arg-type]
+    source = watcher._observer
+    assert source is not None
+    source.observer.event_queue.put(("not an (event, watch) pair",))  # type: ignore[arg-type]
     rec.expect_resync(proj.name, "inotify observer restarted")
     assert watcher.counters()["observer_restarts"] == 1
-    assert watcher._observer is not observer
+    assert watcher._observer is not source
     assert watcher.is_alive()
     rec.clear()
     proj.write("after")
     rec.expect_keys(proj.key("after"))
 
 
+@pytest.mark.parametrize("queue", ["seam", pytest.param("sysctl", marks=pytest.mark.sysctl)])
 def test_queue_overflow_resyncs_every_project(
-    make_watcher: Callable[[], SessionWatcher], rec: Recorder, tmp_path: Path
+    make_watcher: Callable[[], SessionWatcher],
+    rec: Recorder,
+    faults: InotifyFaults,
+    tmp_path: Path,
+    queue: str,
 ) -> None:
     one, two = Project(tmp_path / "one"), Project(tmp_path / "two")
     (one.sessions / "burst").mkdir()
     w = make_watcher()
-    # A tiny kernel queue for this watcher's inotify instance only: the value is read when an
-    # instance is created, so it is restored as soon as the watcher has started.
-    knob = Path("/proc/sys/fs/inotify/max_queued_events")
-    saved = knob.read_text()
-    try:
-        knob.write_text("16")
+    # A tiny queue for this watcher's first inotify instance only: the value is read when an
+    # instance is created, so it is restored as soon as the watcher has started, and the instance
+    # that replaces the overflowed one has the machine's queue.
+    if queue == "seam":
+        faults.max_queued_events = 16
         w.start()
-    finally:
-        knob.write_text(saved)
+        faults.max_queued_events = None
+    else:
+        with Sysctl("fs.inotify.max_queued_events") as knob:
+            knob.set("16")
+            w.start()
     assert w.watch(one.name, str(one.sessions))
     assert w.watch(two.name, str(two.sessions))
     deadline = time.monotonic() + 10
@@ -347,7 +344,7 @@ def test_queue_overflow_resyncs_every_project(
 
 
 def test_watch_limit_falls_back_to_periodic_scans_and_retries(
-    monkeypatch: pytest.MonkeyPatch, rec: Recorder, watcher: SessionWatcher, proj: Project, tmp_path: Path
+    faults: InotifyFaults, rec: Recorder, watcher: SessionWatcher, proj: Project, tmp_path: Path
 ) -> None:
     blocked = {str(tmp_path / "b"), str(tmp_path / "c"), str(proj.sessions / "late")}
 
@@ -355,7 +352,7 @@ def test_watch_limit_falls_back_to_periodic_scans_and_retries(
         if any(path == b or path.startswith(b + "/") for b in blocked):
             raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    monkeypatch.setattr(watcher_mod, "_watch_fault", fault)
+    faults.fail_watch = fault
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), format="{message}", level="WARNING")
     try:
@@ -386,6 +383,36 @@ def test_watch_limit_falls_back_to_periodic_scans_and_retries(
     counters = watcher.counters()
     assert counters["fallbacks"] == 3
     assert counters["watch_retries"] >= 3
+
+
+def test_watches_beyond_the_seams_limit_fail_like_the_kernels(
+    faults: InotifyFaults, rec: Recorder, watcher: SessionWatcher, tmp_path: Path
+) -> None:
+    # The seam counts this process's watches as the kernel does, so the limit is set from what the
+    # process holds now: room for one project (its parent folder, sessions folder and one session).
+    first, second = Project(tmp_path / "first"), Project(tmp_path / "second")
+    for p in (first, second):
+        (p.sessions / "s0").mkdir()
+    held = watches_held()
+    faults.max_user_watches = held + 3
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", level="WARNING")
+    try:
+        assert watcher.watch(first.name, str(first.sessions))
+        assert watches_held() == held + 3
+        assert not watcher.watch(second.name, str(second.sessions))
+        assert watcher.projects() == {first.name: "live", second.name: "fallback"}
+        rec.expect_resync(second.name, "periodic scan (no inotify watch)")
+        faults.max_user_watches = None  # raised again: the next retry watches it
+        rec.expect_resync(second.name, "inotify watch restored")
+        rec.clear()
+        second.write("s0")
+        rec.expect_keys(second.key("s0"))
+    finally:
+        logger.remove(sink)
+    hints = [line for line in lines if "sudo sysctl fs.inotify.max_user_watches=" in line]
+    assert len(hints) == 1, lines
+    assert f"(fs.inotify.max_user_watches = {held + 3})" in hints[0]
 
 
 REAL_LIMIT_SCRIPT = textwrap.dedent(
@@ -439,11 +466,9 @@ REAL_LIMIT_SCRIPT = textwrap.dedent(
 def test_real_watch_limit_in_a_user_namespace(tmp_path: Path) -> None:
     # A new user namespace has its own inotify watch limit (/proc/sys/user/max_inotify_watches),
     # so a real ENOSPC is had without lowering the machine's limit under other processes.
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare(1) is not installed")
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a user namespace: {probe.stderr.decode().strip()}")
+    why_not = user_namespaces_usable()
+    if why_not:
+        pytest.skip(why_not)
     result = subprocess.run(
         ["unshare", "--user", "--map-root-user", sys.executable, "-c", REAL_LIMIT_SCRIPT],
         capture_output=True,
@@ -496,7 +521,7 @@ def test_thousands_of_sessions_start_quickly_and_events_flow(
 def test_a_paired_rename_is_released_at_once() -> None:
     # watchdog holds an IN_MOVED_FROM to pair it; once paired (removed), what follows must not
     # wait out the hold. Here the hold is 60 s, so only a prompt release passes.
-    queue: _PromptDelayedQueue[str] = _PromptDelayedQueue(60.0)
+    queue: PromptDelayedQueue[str] = PromptDelayedQueue(60.0)
     got: list[str | None] = []
     done = threading.Event()
 
