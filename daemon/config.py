@@ -19,8 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sessionsync.daemon import crontab
 from sessionsync.daemon.dburl import check_url, mask_url
 from sessionsync.daemon.errors import ConfigError
+from sessionsync.daemon.paths import default_socket_path
 
 ENV_PREFIX = "SESSIONSYNC_"
 SYSTEM_CONFIG = Path("/etc/sessionsync/config.toml")
@@ -88,12 +90,8 @@ class ScheduleConfig(_Section):
     @field_validator("reconcile_cron")
     @classmethod
     def _cron(cls, expr: str) -> str:
-        from datetime import UTC
-
-        from sessionsync.daemon.scheduler import cron_trigger
-
         try:
-            cron_trigger(expr, UTC)  # what the daemon runs: weekdays 0-7 counted from Sunday
+            crontab.check(expr)  # weekdays 0-7 counted from Sunday, as the daemon runs them
         except ValueError as exc:
             raise ValueError(f"not a valid 5-field crontab expression ({exc})") from None
         return expr
@@ -156,8 +154,6 @@ class Config(_Section):
         """The control socket: configured, or under the runtime folder (never a shared one)."""
         if self.control.socket:
             return Path(os.path.expanduser(self.control.socket))
-        from sessionsync.daemon.control.client import default_socket_path
-
         return default_socket_path(env)
 
 

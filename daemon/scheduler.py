@@ -16,6 +16,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from tzlocal import get_localzone
 
+from sessionsync.daemon import crontab
+
 MISFIRE_GRACE_S = 12 * 3600
 
 
@@ -28,40 +30,11 @@ def zone(name: str) -> tzinfo:
     return ZoneInfo(name)
 
 
-# crontab numbers weekdays from Sunday (0 and 7); APScheduler 3.x numbers them from Monday and
-# from_crontab passes numbers through (apscheduler#286, fixed only in 4.x): "1-5" would run
-# Tuesday to Saturday. So the weekday field is handed over as day names.
-_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def _cron_day(token: str) -> int:
-    if token in _CRON_DAYS:
-        return _CRON_DAYS.index(token)
-    if token.isdigit() and int(token) <= 7:
-        return int(token)
-    raise ValueError(f"day of week {token!r} is not 0-7 or sun-sat")
-
-
-def _weekdays(field: str) -> str:
-    """A crontab day-of-week field as APScheduler day names: "1-5" -> "mon,tue,wed,thu,fri"."""
-    days: set[int] = set()
-    for part in field.lower().split(","):
-        span, slash, step = part.partition("/")
-        first, dash, last = span.partition("-")
-        low, high = (0, 6) if span == "*" else (_cron_day(first), _cron_day(last) if dash else None)
-        if high is None:
-            high = 7 if slash else low  # "5/2" is "5-7/2", as in cron
-        if low > high or (slash and not step.isdigit()) or step == "0":
-            raise ValueError(f"day of week {part!r} is not a valid range or step")
-        days.update(day % 7 for day in range(low, high + 1, int(step) if slash else 1))
-    return "*" if len(days) == 7 else ",".join(_CRON_DAYS[day] for day in sorted(days))
-
-
 def cron_trigger(expr: str, tz: tzinfo) -> CronTrigger:
     """A standard 5-field crontab expression (weekdays numbered from Sunday) as a trigger."""
+    crontab.check(expr)
     fields = expr.split()
-    if len(fields) == 5:
-        fields[4] = _weekdays(fields[4])
+    fields[4] = crontab.apscheduler_weekdays(fields[4])
     return CronTrigger.from_crontab(" ".join(fields), timezone=tz)
 
 

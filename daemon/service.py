@@ -31,7 +31,7 @@ from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
 from sessionsync.daemon.discovery import ProjectPath, discover
-from sessionsync.daemon.errors import AlreadyRunning, ConfigError, SessionSyncError
+from sessionsync.daemon.errors import EXIT_INTERRUPTED, EXIT_OK, AlreadyRunning, ConfigError, SessionSyncError
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.migrate import upgrade
@@ -165,7 +165,7 @@ class Service:
         started = time.monotonic()
         try:
             if not self._wait_for_database():
-                return 0
+                return EXIT_OK
             self._take_lock()
             self._start_control()
             self._refresh_projects(initial=True)
@@ -250,7 +250,7 @@ class Service:
             self.workers.batches,
             self.workers.written,
         )
-        return 0
+        return EXIT_OK
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -275,7 +275,7 @@ class Service:
     def _on_int(self, _sig: int, _frame: FrameType | None) -> None:
         self._sigints += 1
         if self._sigints > 1:
-            os._exit(130)  # a second Ctrl-C: the user wants out now
+            os._exit(EXIT_INTERRUPTED)  # a second Ctrl-C: the user wants out now
         self.request_stop()
 
     def _on_hup(self, _sig: int, _frame: FrameType | None) -> None:

@@ -579,3 +579,19 @@ def test_status_for_people(running: tuple[NewUser, Path, Any]) -> None:
 
 def _error_sessions(user: NewUser) -> list[str]:
     return [e["session"] for e in request(user.socket, {"cmd": "status"})["recent_errors"] if e["session"]]
+
+
+@pytest.mark.parametrize("config", [None, REPO / "config.toml"], ids=["defaults", "shipped-config"])
+def test_status_imports_no_database_or_scheduler_library(
+    running: tuple[NewUser, Path, Any], config: Path | None
+) -> None:
+    user, _, _ = running
+    args = ["status"] if config is None else ["status", "--config", str(config)]
+    out = user.run(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert out.returncode == 0, out.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "sessionsync.daemon.status" in imported  # the whole command ran, rendering included
+    heavy = sorted(
+        m for m in imported if m.split(".")[0] in {"sqlalchemy", "psycopg", "alembic", "apscheduler"}
+    )
+    assert heavy == []

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import create_engine, update
 from sqlalchemy.pool import NullPool
 
@@ -128,7 +130,7 @@ def test_an_invalid_cron_is_a_config_error_naming_the_key(
     assert cli.run(["check-config", "--config", str(config)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "[schedule] reconcile_cron = '0 3 * * 8'" in err
-    assert "day of week '8'" in err
+    assert "day of week 8 is above the maximum value (7)" in err
 
 
 # -- the real daemon ------------------------------------------------------------------------------
@@ -203,3 +205,50 @@ def test_a_full_reconcile_purges_tombstones_older_than_the_retention(tmp_path: P
         assert left == {"recent": True, "alive": False}
         assert {e["slug"] for e in events(db_url)} == {"recent", "alive"}
         assert daemon.log_count("purged 1 tombstone(s) older than 7 day(s)") == 1
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "0 3 * * *",
+        "*/15 * * * *",
+        "0 9 * * 1-5",
+        "0 9 * * 7",
+        "0 9 * * sun,sat",
+        "30 2 1 jan,jul *",
+        "0 0 1-31/2 * *",
+        "5/10 * * * *",
+        "0 0 * * 5/2",
+        "0 12 31 2 *",
+        "61 * * * *",
+        "0 24 * * *",
+        "0 0 0 * *",
+        "0 0 * 13 *",
+        "0 0 * * 8",
+        "*/0 * * * *",
+        "5-1 * * * *",
+        "0 0 * * mon-fry",
+        "0 3 * *",
+        "0 3 * * * *",
+        "x * * * *",
+    ],
+)
+def test_the_config_check_agrees_with_the_scheduler(expr: str) -> None:
+    """The config validates cron without APScheduler; it must accept exactly what the daemon runs."""
+    from sessionsync.daemon import crontab
+
+    def accepted(check: Any) -> bool:
+        try:
+            check()
+        except ValueError:
+            return False
+        return True
+
+    def scheduler_check() -> None:
+        # APScheduler alone, on the expression as the daemon hands it over (weekday names).
+        fields = expr.split()
+        if len(fields) == 5:
+            fields[4] = crontab.apscheduler_weekdays(fields[4])
+        CronTrigger.from_crontab(" ".join(fields), timezone=UTC)
+
+    assert accepted(lambda: crontab.check(expr)) == accepted(scheduler_check)

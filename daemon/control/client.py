@@ -7,7 +7,6 @@ command answered by the daemon starts in milliseconds: no pydantic, SQLAlchemy o
 from __future__ import annotations
 
 import json
-import os
 import socket
 from collections.abc import Iterator, Mapping
 from io import BufferedReader
@@ -21,31 +20,10 @@ from sessionsync.daemon.control.protocol import (
     parse_reply,
     read_line,
 )
-from sessionsync.daemon.errors import ConfigError, DaemonNotRunning, OperationalError
+from sessionsync.daemon.errors import DaemonNotRunning, OperationalError
+from sessionsync.daemon.paths import default_socket_path
 
-SOCKET_NAME = "control.sock"
-
-
-def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
-    """The socket path when `control.socket` is empty.
-
-    `$RUNTIME_DIRECTORY/control.sock` under systemd (RuntimeDirectory=sessionsync), else
-    `$XDG_RUNTIME_DIR/sessionsync/control.sock`. Never a shared folder such as /tmp: without
-    either variable this is a ConfigError.
-    """
-    env = os.environ if env is None else env
-    # systemd joins several RuntimeDirectory= entries with ':'; ours is the first. A relative
-    # value is ignored, as the XDG base directory specification asks.
-    runtime_dir = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if os.path.isabs(runtime_dir):
-        return Path(runtime_dir) / SOCKET_NAME
-    xdg_runtime_dir = env.get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(xdg_runtime_dir):
-        return Path(xdg_runtime_dir) / "sessionsync" / SOCKET_NAME
-    raise ConfigError(
-        "cannot choose a control socket path: neither RUNTIME_DIRECTORY nor XDG_RUNTIME_DIR is set",
-        hint="set control.socket in the config (or SESSIONSYNC_CONTROL__SOCKET), or set XDG_RUNTIME_DIR",
-    )
+__all__ = ["default_socket_path", "request", "stream"]
 
 
 def request(path: Path, payload: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
