@@ -223,7 +223,7 @@ def load_config(
                 f"allowed sections: {', '.join(f'[{s}]' for s in _SECTIONS)}",
             )
         if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] in {where} must be a table of keys, got {values!r}")
+            raise ConfigError(f"[{section}] in {where} must be a table of keys, got {_masked(values)!r}")
     origins = {(s, k): where for s, keys in data.items() for k in keys}
     for name, raw in env.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
@@ -262,6 +262,16 @@ def _apply_env(data: dict[str, Any], name: str, raw: str) -> tuple[str, str]:
     return section, key
 
 
+def _masked(value: Any) -> Any:
+    """A value as an error may show it: any database URL in it (a list of them, a URL where a
+    table belongs) with its password masked by the URL's own grammar."""
+    if isinstance(value, str):
+        return mask_url(value)
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
+
+
 def _describe(exc: ValidationError, origins: Mapping[tuple[str, str], str]) -> str:
     lines = []
     for error in exc.errors():
@@ -278,9 +288,7 @@ def _describe(exc: ValidationError, origins: Mapping[tuple[str, str], str]) -> s
             continue
         name = f"[{section}] {key}" if key else f"[{section}]"
         message = str(error["msg"]).removeprefix("Value error, ")
-        got = error.get("input")
-        if (section, key) == ("database", "url") and isinstance(got, str):
-            got = mask_url(got)
+        got = _masked(error.get("input"))
         shown = f" = {got!r}" if got is not None and not isinstance(got, dict) else ""
         lines.append(f"{name}{shown} ({origin or 'default'}): {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 from loguru import logger
 
 from sessionsync.daemon.errors import ConfigError
-from sessionsync.daemon.paths import shown_path
+from sessionsync.daemon.paths import escape_controls, shown_path
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -171,8 +171,9 @@ def _json_fields(record: Record, exception: str) -> dict[str, str]:
 
 
 def _mask_record(record: Record) -> None:
-    """The core patcher: every sink, ours or one added later, sees the masked message."""
-    record["message"] = mask_secrets(record["message"])
+    """The core patcher: every sink, ours or one added later, sees the masked message, on one line
+    (paths in it are folder names, which may hold a newline or an escape sequence)."""
+    record["message"] = escape_controls(mask_secrets(record["message"]))
 
 
 class _InterceptHandler(logging.Handler):

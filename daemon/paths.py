@@ -12,12 +12,25 @@ from sessionsync.daemon.errors import ConfigError
 SOCKET_NAME = "control.sock"
 
 
+# Control characters as escapes: a newline in a folder name must not start a forged log line.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as an escape (`\\n`, `\\x1b`), on one line."""
+    return text.translate(_CONTROLS)
+
+
 def shown_path(path: str, home: str) -> str:
-    """A path as people read it: the home folder as "~"."""
+    """A path as people read it: the home folder as "~", control characters escaped."""
     home = home.rstrip("/")
     if home and (path == home or path.startswith(home + "/")):
-        return "~" + path[len(home) :]
-    return path
+        path = "~" + path[len(home) :]
+    return escape_controls(path)
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:

@@ -19,6 +19,8 @@ def _absolute(path: str) -> str:
     # another folder, so the client must resolve it before sending.
     if not posixpath.isabs(path):
         raise ValueError(f"must be an absolute path, got {path!r}")
+    if "\0" in path:  # no file name holds one; os calls would raise instead of answering
+        raise ValueError(f"must not contain a NUL byte, got {path!r}")
     return path
 
 

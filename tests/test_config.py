@@ -307,3 +307,19 @@ def test_configured_database_url_wins() -> None:
     assert (
         cfg.database_url({"STATE_DIRECTORY": "/var/lib/sessionsync"}) == "postgresql+psycopg://me@db/sessions"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'database = "postgresql+psycopg://me:pa/ss#w?rd@db/s"\n',
+        '[database]\nurl = ["postgresql+psycopg://me:pa/ss#w?rd@db/s"]\n',
+        '[database]\nurl = "postgres://me:pa/ss#w?rd@db/s"\n',
+    ],
+    ids=["url-at-top-level", "url-in-a-list", "refused-scheme"],
+)
+def test_config_errors_never_echo_a_password(tmp_path: Path, text: str) -> None:
+    message = _error(tmp_path, text)
+    assert "pa/ss" not in message
+    assert "rd@db" not in message
+    assert "me:***@db/s" in message

@@ -422,6 +422,8 @@ def test_subscribe_streams_session_and_project_events(daemon: Daemon, app: Path)
         (b'{"cmd": "sync"}', "bad_request", "missing field 'path'"),
         (b'{"cmd": "resync", "all": "yes"}', "bad_request", "field 'all'"),
         (b'{"cmd": "sync", "path": "relative/dir"}', "bad_request", "absolute"),
+        (b'{"cmd": "sync", "path": "/tmp/a\\u0000b"}', "bad_request", "NUL byte"),
+        (b'{"cmd": "resync", "projects": ["/tmp/a\\u0000b"]}', "bad_request", "NUL byte"),
         (b'{"cmd": "\xff\xfe"}', "bad_request", "UTF-8"),
         (b"[1, 2]", "bad_request", "JSON object"),
     ],

@@ -263,3 +263,16 @@ def test_unopenable_file_is_a_config_error_and_keeps_the_old_sinks(stream: TextI
 def test_unknown_level_is_a_config_error(stream: TextIO) -> None:
     with pytest.raises(ConfigError, match="verbose"):
         setup_logging("verbose", "text", stream=stream)
+
+
+def test_a_newline_in_a_folder_name_cannot_forge_a_log_line(stream: TextIO) -> None:
+    setup_logging("INFO", "text", env={"HOME": HOME}, stream=stream)
+    evil = "x\n2026-01-01 00:00:00.000 ERROR    service: database wiped\x1b[2J"
+    session_log(PROJECT, evil, at(PROJECT, evil)).info("session created, phase spec")
+    logger.info("project {} is gone", f"{PROJECT}/a\rb")
+    first, second = lines(stream)
+    assert first.endswith(
+        "[~/code/app/agents/sessions/x\\n2026-01-01 00:00:00.000 ERROR    service: database wiped\\x1b[2J] "
+        "session created, phase spec"
+    )
+    assert second.endswith("project /home/me/code/app/a\\rb is gone")
