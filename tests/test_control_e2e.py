@@ -427,7 +427,17 @@ def test_subscribe_streams_session_and_project_events(daemon: Daemon, app: Path)
         (b'{"cmd": "\xff\xfe"}', "bad_request", "UTF-8"),
         (b"[1, 2]", "bad_request", "JSON object"),
     ],
-    ids=["malformed-json", "unknown-command", "missing-field", "wrong-type", "relative", "utf8", "array"],
+    ids=[
+        "malformed-json",
+        "unknown-command",
+        "missing-field",
+        "wrong-type",
+        "relative",
+        "nul-in-sync",
+        "nul-in-resync",
+        "utf8",
+        "array",
+    ],
 )
 def test_a_bad_request_gets_an_error_and_harms_nothing(
     daemon: Daemon, line: bytes, code: str, fragment: str, request: pytest.FixtureRequest
