@@ -32,9 +32,14 @@ Command = Callable[[argparse.Namespace, Config], int]
 
 def _open_store(cfg: Config) -> Any:
     from sessionsync.daemon.db import make_engine
+    from sessionsync.daemon.logs import setup_logging
     from sessionsync.daemon.migrate import upgrade
     from sessionsync.daemon.store import Store
 
+    # One-shot commands log like the daemon (its format, session folders named), warnings and up
+    # only: their output is the summary on stdout.
+    quiet = cfg.log.level if cfg.log.level in ("WARNING", "ERROR", "CRITICAL") else "WARNING"
+    setup_logging(quiet, cfg.log.format, sql=cfg.log.sql)
     engine = make_engine(cfg.database_url(), own_folder=not cfg.database.url)
     if cfg.database.auto_migrate:
         _guard_database(lambda: upgrade(engine), cfg)

@@ -595,3 +595,20 @@ def test_status_imports_no_database_or_scheduler_library(
         m for m in imported if m.split(".")[0] in {"sqlalchemy", "psycopg", "alembic", "apscheduler"}
     )
     assert heavy == []
+
+
+def test_a_one_shot_reconcile_logs_like_the_daemon(user: NewUser) -> None:
+    project = user.project()
+    write_state(project, "good", fixture_doc("v2-spec"))
+    write_state(project, "bad", b"[]")
+    out = user.run("reconcile")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(
+        "reconciled 1 project(s): 2 session(s) seen, 2 written, 0 unchanged, 1 invalid"
+    )
+    (line,) = out.stderr.splitlines()
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} WARNING  batch: \[~/code/app/agents/sessions/bad\] "
+        r"state\.json is invalid \(top level is a list, not an object\); keeping the last good mirror",
+        line,
+    ), line
