@@ -12,7 +12,7 @@ import hashlib
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -93,7 +93,21 @@ def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: 
     """Decide what one session needs, reading state.json only when its stat says it changed.
 
     An unchanged session costs two lstat calls (folder and state.json): the folder's mtime stands
-    in for checking spec.md and plan.json."""
+    in for checking spec.md and plan.json.
+
+    A session invalid for a reason with no content to hash (a link, a FIFO, an unreadable file)
+    is keyed by that reason instead, so it is written, logged and evented once, not on every
+    pass; the checks themselves run every time, so a fix is seen at once."""
+    outcome = _inspect(key, sessions_dir, known, max_bytes)
+    if isinstance(outcome, Change) and outcome.invalid and outcome.state_hash is None and outcome.error:
+        digest = "reason:" + hashlib.blake2b(outcome.error.encode(), digest_size=16).hexdigest()
+        if known is not None and not known.deleted and known.invalid and known.state_hash == digest:
+            return Verdict.UNCHANGED
+        outcome = replace(outcome, state_hash=digest)
+    return outcome
+
+
+def _inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int) -> Change | Verdict:
     # Plain concatenation (sessions_dir is normalised): os.path.join costs as much as an lstat here.
     folder = f"{sessions_dir}/{key.slug}"
     live = known is not None and not known.deleted

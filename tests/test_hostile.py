@@ -1,0 +1,64 @@
+"""Hostile and unlucky input, each reproduced for real: what it must not do to the other
+sessions, to the logs, or to the database."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fixture_doc, write_state
+
+SESSIONSYNC = Path(sys.executable).parent / "sessionsync"
+
+
+def _reconcile(tmp_path: Path, project: Path) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "s.db"}"\n[watch]\nprojects = ["{project}"]\nroots = []\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONSYNC_")}
+    return subprocess.run(
+        [str(SESSIONSYNC), "reconcile", "--config", str(config)],
+        env={**env, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link", "linked-session"])
+def test_a_special_state_json_is_reported_once_not_on_every_pass(tmp_path: Path, kind: str) -> None:
+    project = tmp_path / "proj"
+    write_state(project, "fine", fixture_doc("v2-spec"))
+    folder = project / "agents" / "sessions" / "odd"
+    if kind == "linked-session":
+        folder.symlink_to(project / "agents" / "sessions" / "fine")
+    else:
+        folder.mkdir()
+        state = folder / "state.json"
+        if kind == "fifo":
+            os.mkfifo(state)
+        elif kind == "folder":
+            state.mkdir()
+        else:
+            state.symlink_to(project / "agents" / "sessions" / "fine" / "state.json")
+    first = _reconcile(tmp_path, project)
+    assert first.returncode == 0, first.stderr
+    assert ", 2 written, 0 unchanged, 1 invalid" in first.stdout
+    assert first.stderr.count("[") == 1, first.stderr  # one warning line, naming the session
+    for _ in range(2):
+        again = _reconcile(tmp_path, project)
+        assert again.returncode == 0, again.stderr
+        assert ", 0 written, 2 unchanged, 0 invalid" in again.stdout
+        assert again.stderr == ""
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        kinds = conn.execute(
+            "SELECT e.kind FROM session_events e JOIN sessions s ON s.id = e.session_id WHERE s.slug = 'odd'"
+        ).fetchall()
+    assert sorted(k for (k,) in kinds) == ["created", "invalid"]
