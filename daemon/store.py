@@ -546,12 +546,13 @@ def _event_kinds(
     if before is None:
         kinds.append((kind.CREATED, None, mapped.current_phase if mapped else None, None))
     elif before.deleted:
-        kinds.append((kind.RESTORED, None, None, None))
+        # A tombstone keeps the last mirror: what the session came back as is compared with it.
+        kinds.append((kind.RESTORED, before.current_phase, mapped.current_phase if mapped else None, None))
     if mapped is None:
         # Each distinct bad content is written once (its hash is kept), so this fires once per content.
         return [*kinds, (kind.INVALID, None, None, {"reason": change.error})]
-    if before is not None and not before.deleted:
-        if before.invalid:
+    if before is not None:
+        if before.invalid and not before.deleted:
             kinds.append((kind.RECOVERED, None, None, None))
         if before.current_phase != mapped.current_phase:
             kinds.append((kind.PHASE_CHANGED, before.current_phase, mapped.current_phase, None))

@@ -505,6 +505,8 @@ def test_logs_tell_a_sessions_story_at_info(user: NewUser) -> None:
         "state.json is valid again; mirrored",
         "session deleted: its folder or state.json is gone; row tombstoned",
         "session restored: its state.json is back",
+        "phase plan -> spec",  # it came back as it was first written
+        "status paused -> active",
     ], output
     started = next(line for line in output.splitlines() if "sessionsync started:" in line)
     assert "config built-in defaults" in started

@@ -4,6 +4,7 @@ sessions, to the logs, or to the database."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -62,3 +63,23 @@ def test_a_special_state_json_is_reported_once_not_on_every_pass(tmp_path: Path,
             "SELECT e.kind FROM session_events e JOIN sessions s ON s.id = e.session_id WHERE s.slug = 'odd'"
         ).fetchall()
     assert sorted(k for (k,) in kinds) == ["created", "invalid"]
+
+
+def test_a_restore_says_what_changed_while_the_session_was_gone(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    build = {**fixture_doc("v2-build"), "current_phase": "build", "status": "active"}
+    write_state(project, "back", build)
+    assert _reconcile(tmp_path, project).returncode == 0
+    shutil.rmtree(project / "agents" / "sessions" / "back")
+    assert _reconcile(tmp_path, project).returncode == 0
+    write_state(project, "back", {**build, "current_phase": "docs", "status": "paused"})
+    assert _reconcile(tmp_path, project).returncode == 0
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        events = conn.execute("SELECT kind, from_value, to_value FROM session_events ORDER BY id").fetchall()
+    assert events == [
+        ("created", None, "build"),
+        ("deleted", None, None),
+        ("restored", "build", "docs"),
+        ("phase_changed", "build", "docs"),
+        ("status_changed", "active", "paused"),
+    ]
