@@ -27,6 +27,7 @@ class BatchResult(WriteResult):
 
     unchanged: int = 0
     no_state: int = 0
+    unstorable: int = 0  # folder names the database cannot hold (not UTF-8): never written
 
     def add(self, other: WriteResult) -> None:
         for name in (f.name for f in fields(other) if f.name != "events"):
@@ -62,6 +63,9 @@ def inspect_batch(
     for key in keys:
         project = projects.get(key.project)
         if project is None:
+            continue
+        if not _storable(key, project):
+            result.unstorable += 1
             continue
         outcome = inspect(key, project.sessions_dir, known.get(key), max_bytes)
         if outcome is Verdict.UNCHANGED:
@@ -104,6 +108,33 @@ def report_invalid(changes: Sequence[tuple[ProjectRef, Change]]) -> None:
             say.warning("state.json has fields of the wrong type, stored as NULL: {}", change.error)
 
 
+# Sessions already reported as unstorable, so that each says so once per run, not on every pass.
+_unstorable_reported: set[SessionKey] = set()
+
+
+def _encodable(slug: str) -> bool:
+    try:
+        slug.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable(key: SessionKey, project: ProjectRef) -> bool:
+    """Whether the database can hold this session's name. A folder name that is not UTF-8
+    (`mkdir $'caf\\xe9'`) reaches us surrogate-escaped; no text column can store it, and binding it
+    would fail the whole batch, every other session with it. Such a session is skipped and said
+    once; renaming the folder brings it in."""
+    if _encodable(key.slug):
+        return True
+    if key not in _unstorable_reported:
+        _unstorable_reported.add(key)
+        session_log(key.project, key.slug, folder_of(project, key.slug)).warning(
+            "session folder name is not valid UTF-8: not mirrored; rename the folder to mirror it"
+        )
+    return False
+
+
 def folder_of(project: ProjectRef, slug: str) -> str:
     """The session's folder, as logs, `errors`, `sync` and the event stream name it."""
     return os.path.join(project.sessions_dir, slug)
@@ -131,7 +162,8 @@ def load_known(
     """What the database holds for these keys, one query per project."""
     by_project: dict[str, list[str]] = defaultdict(list)
     for key in keys:
-        by_project[key.project].append(key.slug)
+        if _encodable(key.slug):  # the others are skipped by inspect_batch, which says why
+            by_project[key.project].append(key.slug)
     known: dict[SessionKey, Known] = {}
     for path, slugs in by_project.items():
         project = projects.get(path)

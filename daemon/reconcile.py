@@ -39,7 +39,9 @@ class ReconcileSummary:
         return (
             f"reconciled {self.projects} project(s): {self.seen} session(s) seen, {t.written} written, "
             f"{t.unchanged + t.touched} unchanged, {t.invalid} invalid, {t.tombstoned} tombstoned, "
-            f"{t.no_state} without state.json, in {self.seconds * 1000:.0f} ms"
+            f"{t.no_state} without state.json"
+            + (f", {t.unstorable} skipped (folder name not UTF-8)" if t.unstorable else "")
+            + f", in {self.seconds * 1000:.0f} ms"
         )
 
     def as_dict(self) -> dict[str, int | float]:
@@ -53,6 +55,7 @@ class ReconcileSummary:
             "invalid": t.invalid,
             "tombstoned": t.tombstoned,
             "no_state": t.no_state,
+            "unstorable": t.unstorable,
             "ms": round(self.seconds * 1000),
         }
 

@@ -83,3 +83,42 @@ def test_a_restore_says_what_changed_while_the_session_was_gone(tmp_path: Path) 
         ("phase_changed", "build", "docs"),
         ("status_changed", "active", "paused"),
     ]
+
+
+def test_a_folder_name_that_is_not_utf8_stops_nothing(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    write_state(project, "fine", fixture_doc("v2-spec"))
+    poison = os.path.join(os.fsencode(project / "agents" / "sessions"), b"caf\xe9")
+    os.mkdir(poison)
+    Path(os.fsdecode(poison), "state.json").write_text("{}")
+    for _ in range(2):
+        out = _reconcile(tmp_path, project)
+        assert out.returncode == 0, out.stderr
+        assert "Traceback" not in out.stderr
+        assert "1 skipped (folder name not UTF-8)" in out.stdout
+    assert "session folder name is not valid UTF-8: not mirrored" in _reconcile(tmp_path, project).stderr
+    with sqlite3.connect(tmp_path / "s.db") as conn:
+        assert conn.execute("SELECT slug FROM sessions").fetchall() == [("fine",)]
+
+
+def test_a_poison_folder_name_under_a_running_daemon_stops_no_other_session(tmp_path: Path) -> None:
+    from tests.conftest import wait_for
+    from tests.test_front_door import NewUser
+
+    user = NewUser(tmp_path)
+    try:
+        one, two = user.project("one"), user.project("two")
+        daemon = user.daemon()
+        poison = os.path.join(os.fsencode(one / "agents" / "sessions"), b"caf\xe9")
+        os.mkdir(poison)
+        Path(os.fsdecode(poison), "state.json").write_text("{}")
+        write_state(one, "beside", fixture_doc("v2-spec"))
+        write_state(two, "elsewhere", fixture_doc("v2-spec"))
+        wait_for(lambda: {"beside", "elsewhere"} <= set(user.rows()), timeout=10)
+        assert user.run("resync", "--all", "--wait").returncode == 0
+        code, output = user.stop(daemon)
+        assert code == 0
+        assert "Traceback" not in output
+        assert output.count("session folder name is not valid UTF-8") == 1, output
+    finally:
+        user.close()
