@@ -17,6 +17,8 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from loguru import logger
+
 from sessionsync.daemon.batch import BatchResult, inspect_batch, load_known, sync_batch
 from sessionsync.daemon.discovery import ProjectPath
 from sessionsync.daemon.store import ProjectRef, Store
@@ -33,6 +35,7 @@ class ReconcileSummary:
     seen: int = 0
     seconds: float = 0.0
     totals: BatchResult = field(default_factory=BatchResult)
+    unreadable: dict[str, str] = field(default_factory=dict)  # project -> why its folder cannot be listed
 
     def line(self) -> str:
         t = self.totals
@@ -41,6 +44,7 @@ class ReconcileSummary:
             f"{t.unchanged + t.touched} unchanged, {t.invalid} invalid, {t.tombstoned} tombstoned, "
             f"{t.no_state} without state.json"
             + (f", {t.unstorable} skipped (folder name not UTF-8)" if t.unstorable else "")
+            + (f", {len(self.unreadable)} project(s) skipped (unreadable)" if self.unreadable else "")
             + f", in {self.seconds * 1000:.0f} ms"
         )
 
@@ -56,6 +60,7 @@ class ReconcileSummary:
             "tombstoned": t.tombstoned,
             "no_state": t.no_state,
             "unstorable": t.unstorable,
+            "unreadable_projects": len(self.unreadable),
             "ms": round(self.seconds * 1000),
         }
 
@@ -71,6 +76,30 @@ def list_slugs(sessions_dir: str) -> list[str]:
             ]
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+# Projects whose sessions folder could not be listed, and why: said once when it starts, once
+# when it ends, not on every pass.
+_unreadable_reported: dict[str, str] = {}
+
+
+def _listed(project: ProjectRef, summary: ReconcileSummary) -> list[str] | None:
+    """The project's session folders, or None when its sessions folder cannot be listed: that
+    project is skipped (its rows kept as they are, nothing tombstoned) and the others go on."""
+    try:
+        slugs = list_slugs(project.sessions_dir)
+    except OSError as exc:
+        reason = f"cannot list {project.sessions_dir}: {exc.strerror or exc}"
+        summary.unreadable[project.path] = reason
+        if _unreadable_reported.get(project.path) != reason:
+            _unreadable_reported[project.path] = reason
+            logger.bind(project=project.path).warning(
+                "{}; skipping this project (its rows are kept) until it can be read", reason
+            )
+        return None
+    if _unreadable_reported.pop(project.path, None) is not None:
+        logger.bind(project=project.path).info("{} can be read again", project.sessions_dir)
+    return slugs
 
 
 def freeze_long_lived() -> None:
@@ -137,7 +166,7 @@ def reconcile(
             result, changes = inspect_batch(refs, chunk, max_bytes, known)
             finish(writer.submit(Submitted(chunk, changes, known, result, release)))
         finish(writer.drain())
-    store.mark_reconciled([p.id for p in projects], datetime.now(UTC))
+    store.mark_reconciled([p.id for p in projects if p.path not in summary.unreadable], datetime.now(UTC))
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -157,7 +186,9 @@ def _batches(
     for n, project in enumerate(projects):
         if preload and n % PRELOAD_GROUP == 0:
             group = store.known_by_project([p.id for p in projects[n : n + PRELOAD_GROUP]])
-        on_disk = list_slugs(project.sessions_dir)
+        on_disk = _listed(project, summary)
+        if on_disk is None:
+            continue
         summary.seen += len(on_disk)
         rows = group[project.id] if preload else {}
         live = {s for s, k in rows.items() if not k.deleted} if preload else store.live_slugs(project.id)

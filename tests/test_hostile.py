@@ -8,6 +8,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,78 @@ def test_a_poison_folder_name_under_a_running_daemon_stops_no_other_session(tmp_
         assert output.count("session folder name is not valid UTF-8") == 1, output
     finally:
         user.close()
+
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def unprivileged_tmp() -> Iterator[Path]:
+    """A folder owned by an unprivileged uid (no user account needed), for what root would not
+    notice: permission bits are no obstacle to root."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv(1) to run a command as another uid")
+    folder = Path(tempfile.mkdtemp(prefix="ss-nobody-", dir="/tmp"))
+    os.chown(folder, NOBODY, NOBODY)
+    try:
+        yield folder
+    finally:
+        for root, dirs, _files in os.walk(folder):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)  # the test's chmod 000, undone
+        shutil.rmtree(folder)
+
+
+def _as_nobody(*argv: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SESSIONSYNC_", "XDG_"))}
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_an_unreadable_sessions_folder_skips_its_project_and_reconciles_the_others(
+    unprivileged_tmp: Path,
+) -> None:
+    a, b = unprivileged_tmp / "a", unprivileged_tmp / "b"
+    config = unprivileged_tmp / "c.toml"
+    database = unprivileged_tmp / "s.db"
+    config.write_text(
+        f'[database]\nurl = "sqlite:///{database}"\n[watch]\nprojects = ["{a}", "{b}"]\nroots = []\n'
+    )
+    reconcile = [str(SESSIONSYNC), "reconcile", "--config", str(config)]
+    make = _as_nobody(sys.executable, "-c", _WRITE_SESSIONS.format(a=a, b=b), home=unprivileged_tmp)
+    assert make.returncode == 0, make.stderr
+    assert _as_nobody(*reconcile, home=unprivileged_tmp).returncode == 0
+
+    (a / "agents" / "sessions").chmod(0o000)
+    edited = _as_nobody(sys.executable, "-c", _EDIT_B.format(b=b), home=unprivileged_tmp)
+    assert edited.returncode == 0, edited.stderr
+    out = _as_nobody(*reconcile, home=unprivileged_tmp)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "1 written" in out.stdout and "1 project(s) skipped (unreadable)" in out.stdout, out.stdout
+    (warning,) = out.stderr.splitlines()
+    assert f"cannot list {a}/agents/sessions: Permission denied; skipping this project" in warning
+    with sqlite3.connect(database) as conn:
+        rows = dict(conn.execute("SELECT slug, title || coalesce(deleted_at, '') FROM sessions").fetchall())
+    assert rows == {"in-a": "first", "in-b": "edited"}  # A's row kept, not tombstoned
+
+
+_WRITE_SESSIONS = """
+import json, pathlib
+for project, slug in (("{a}", "in-a"), ("{b}", "in-b")):
+    folder = pathlib.Path(project, "agents", "sessions", slug)
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({{"topic": "first", "phase_history": {{}}}}))
+"""
+_EDIT_B = """
+import json, pathlib
+pathlib.Path("{b}", "agents", "sessions", "in-b", "state.json").write_text(
+    json.dumps({{"topic": "edited", "phase_history": {{}}}})
+)
+"""
