@@ -49,19 +49,11 @@ from sqlalchemy.engine import make_url  # noqa: E402
 from sessionsync.daemon.errors import SessionSyncError  # noqa: E402
 from sessionsync.daemon.service import FALLBACK_SCAN_ENV  # noqa: E402
 from sessionsync.models.tables import projects as projects_table  # noqa: E402
-from tests.daemon_harness import (  # noqa: E402
-    Daemon,
-    Sysctl,
-    SysctlStandIn,
-    converged,
-    engine,
-    proxied_url,
-    rows,
-    stand_in_env,
-    url_target,
-    watches_in_use,
-)
-from tests.tcp_proxy import TcpProxy  # noqa: E402
+from tests.support.inotify_limits import Sysctl, SysctlStandIn, stand_in_env, watches_in_use  # noqa: E402
+from tests.support.oracle import converged  # noqa: E402
+from tests.support.proxy import TcpProxy, proxied_url, url_target  # noqa: E402
+from tests.support.runner import Daemon  # noqa: E402
+from tests.support.snapshot import engine, rows  # noqa: E402
 
 SESSIONS = Path("agents") / "sessions"
 MAX_STATE_BYTES = 16_384

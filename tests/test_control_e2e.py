@@ -32,8 +32,10 @@ from sqlalchemy.pool import NullPool
 from sessionsync.daemon.control.protocol import MAX_LINE
 from sessionsync.daemon.errors import ControlError
 from sessionsync.models.tables import sessions
-from tests.conftest import fixture_doc, wait_for, write_state
-from tests.daemon_harness import SESSIONSYNC, Daemon, rows
+from tests.support.runner import SESSIONSYNC, Daemon
+from tests.support.sessions import fixture_doc, write_state
+from tests.support.snapshot import rows
+from tests.support.waiting import wait_for
 
 NOBODY = 65534
 STATUS_KEYS = {

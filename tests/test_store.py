@@ -24,7 +24,8 @@ from sessionsync.daemon.migrate import alembic_config, upgrade
 from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
 from sessionsync.models.tables import Base, projects, session_events, sessions
-from tests.conftest import fixture_doc, remove_session, wait_for, write_state
+from tests.support.sessions import fixture_doc, remove_session, write_state
+from tests.support.waiting import wait_for
 
 MAX = 1_048_576
 
