@@ -10,8 +10,9 @@ live path, not only the reconcile of a restart.
 The overflow and watch-limit faults lower the daemon's own inotify limits through the watcher's
 test seam (stand-in files for the sysctls); `--real-sysctl` lowers the machine's fs.inotify
 sysctls instead (root; for a moment, under every process on the machine).
-Run:  .venv/bin/python bench/chaos.py --seed 7 --seconds 60 --db postgres
-      .venv/bin/python bench/chaos.py --seeds 1-20 --seconds 60 --db sqlite
+Run (from the repository root):
+      .venv/bin/python -m bench.chaos --seed 7 --seconds 60 --db postgres
+      .venv/bin/python -m bench.chaos --seeds 1-20 --seconds 60 --db sqlite
 Exits 1 on any divergence (a row that differs from the files) or daemon error (a wrong exit
 code, a traceback in its log), each printed with the command that reproduces it.
 """
@@ -38,22 +39,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # `python bench/chaos.py` puts bench/ on the path, not the repo
+import psycopg
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
-import psycopg  # noqa: E402
-from sqlalchemy import select  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-
-from sessionsync.daemon.errors import SessionSyncError  # noqa: E402
-from sessionsync.daemon.service import FALLBACK_SCAN_ENV  # noqa: E402
-from sessionsync.models.tables import projects as projects_table  # noqa: E402
-from tests.support.inotify_limits import Sysctl, SysctlStandIn, stand_in_env, watches_in_use  # noqa: E402
-from tests.support.oracle import converged  # noqa: E402
-from tests.support.proxy import TcpProxy, proxied_url, url_target  # noqa: E402
-from tests.support.runner import Daemon  # noqa: E402
-from tests.support.snapshot import engine, rows  # noqa: E402
+from sessionsync.daemon.errors import SessionSyncError
+from sessionsync.daemon.service import FALLBACK_SCAN_ENV
+from sessionsync.models.tables import projects as projects_table
+from tests.support.inotify_limits import Sysctl, SysctlStandIn, stand_in_env, watches_in_use
+from tests.support.oracle import converged
+from tests.support.proxy import TcpProxy, proxied_url, url_target
+from tests.support.runner import Daemon
+from tests.support.snapshot import engine, rows
 
 SESSIONS = Path("agents") / "sessions"
 MAX_STATE_BYTES = 16_384
@@ -106,7 +103,7 @@ class Outcome:
         return bool(self.divergences or self.errors)
 
     def reproduce(self) -> str:
-        run = f".venv/bin/python bench/chaos.py --seed {self.seed} --seconds {self.seconds:g} --db {self.db}"
+        run = f".venv/bin/python -m bench.chaos --seed {self.seed} --seconds {self.seconds:g} --db {self.db}"
         return run + self.options
 
 
@@ -902,7 +899,9 @@ def _terminate(_sig: int, _frame: FrameType | None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seeds", help="a range of consecutive seeds, e.g. 1-20")

@@ -230,8 +230,8 @@ class Daemon:
         """One control request; an error reply raises ControlError, as for the CLI."""
         return control_request(self.socket_path, payload, timeout)
 
-    def status(self) -> dict[str, Any]:
-        return self.request({"cmd": "status"})
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self.request({"cmd": "status"}, timeout)
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run another `sessionsync` command on the same config and environment (stdout+stderr)."""
