@@ -1,4 +1,4 @@
-"""Regression tests for daemon bugs the chaos run (bench/chaos.py) found, one test per bug, each
+"""Regression tests for daemon bugs the chaos run (bench/chaos/) found, one test per bug, each
 named after what it caught. Each builds the smallest scene that showed the bug, on real inotify,
 files and databases.
 """
