@@ -6,6 +6,9 @@ its own on the test PostgreSQL server). PostgreSQL comes from $SESSIONSYNC_TEST_
 those tests skip, unless $CI is set, where they fail: CI must never pass by skipping the
 production database.
 
+After every test, no database connection it (or the code it ran) checked out may still be out or
+have been left to the garbage collector: see tests.support.leaks.
+
 Tests marked `sysctl` lower machine-wide inotify settings for a moment, under every process on the
 box; they run only with SESSIONSYNC_TEST_SYSCTL=1 (CI sets it). Whatever runs, the session fails
 if any inotify setting differs at the end from what it was at the start.
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.databases import libpq_url, postgres_schema
 from tests.support.inotify_limits import inotify_sysctls
+from tests.support.leaks import ConnectionLedger
 
 PG_URL = os.environ.get("SESSIONSYNC_TEST_PG_URL", "")
 IN_CI = bool(os.environ.get("CI"))
@@ -56,6 +60,43 @@ def machine_inotify_settings_unchanged() -> Iterator[None]:
         for path, (was, now) in changed.items()
     ]
     pytest.fail("the tests changed machine-wide inotify settings:\n  " + "\n  ".join(lines), pytrace=False)
+
+
+# -- leaked database connections ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def connection_ledger() -> Iterator[ConnectionLedger]:
+    with ConnectionLedger() as ledger:
+        yield ledger
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # Kept on the item, so that the leak check can tell a test that already failed.
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_connections(
+    request: pytest.FixtureRequest, connection_ledger: ConnectionLedger
+) -> Iterator[None]:
+    """After the test and its fixtures (torn down before this, as it is set up first): every pool
+    connection checked out meanwhile is back in its pool, and none got there by the garbage collector.
+    A test that failed already is not told about the connections its failure left behind."""
+    connection_ledger.begin()
+    yield
+    leaks = connection_ledger.end()
+    if leaks and not request.node.stash.get(_CALL_FAILED, False):
+        pytest.fail(leaks.message(), pytrace=False)
 
 
 # -- databases ---------------------------------------------------------------------------------------

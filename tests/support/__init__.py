@@ -10,5 +10,6 @@ is not part of the installed wheel). One concern a module:
     inotify_limits  the kernel's inotify limits, lowered by sysctl, stand-in file or namespace
     sessions        session folders written the way agents write them; the example documents
     recorder        what a watcher reports, for watcher tests
+    leaks           database connections a test left checked out (conftest fails the test)
     waiting         wait for a condition with a deadline, never for time
 """
