@@ -5,7 +5,8 @@ per-event ORM mirror of the same burst, idle CPU, and memory and start-up time w
 sessions watched. Prints every figure with its target and PASS/FAIL, and exits 0 whatever the
 figures; 1 only when a step could not run at all (the daemon did not start, say), after printing
 what was measured before.
-Run: .venv/bin/python bench/live.py [--db sqlite|postgres] [--debounce-ms 200] [--quick]
+Run (from the repository root):
+     .venv/bin/python -m bench.live [--db sqlite|postgres] [--debounce-ms 200] [--quick]
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ import os
 import platform
 import random
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,27 +35,26 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-# bench/ itself is on the path: these scripts run as `python bench/<name>.py`.
-from naive import naive_upsert
 from sqlalchemy import Engine, bindparam, create_engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session as OrmSession
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from sessionsync.daemon.control.client import request as control_request
+from bench.naive import naive_upsert
 from sessionsync.models.tables import Base, Project, projects, session_events, sessions
+from tests.support.databases import SqliteFiles, empty_postgres_database, server_version
+from tests.support.notify import FakeSystemd
+from tests.support.runner import Daemon
+from tests.support.waiting import poll
 
-REPO = Path(__file__).resolve().parent.parent
-SESSIONSYNC = REPO / ".venv" / "bin" / "sessionsync"
 SESSIONS_SUBDIR = os.path.join("agents", "sessions")
 MAX_DELAY_MS = 2000  # the daemon's default ceiling; the burst's writes/session target is per window
 # The systemd unit's WatchdogSec=30: the daemon pings every 15 s, as it would in production.
-WATCHDOG_USEC = "30000000"
+WATCHDOG_USEC = 30_000_000
 WRITE_KINDS = ("created", "updated", "phase_changed", "status_changed")
 READY_TIMEOUT_S = 180.0
+STATUS_TIMEOUT_S = 30.0  # a status request answered while the daemon works through a burst
 EVENT_TIMEOUT_S = 10.0
 # How often the burst's convergence is checked: fine enough for a 2 s target, cheap enough
 # (one indexed count) not to compete with the daemon for the machine's two cores.
@@ -226,32 +224,22 @@ class Database:
     def __init__(self, kind: str, pg_url: str, folder: Path) -> None:
         self.kind = kind
         self.pg_url = pg_url
-        self.folder = folder
+        self.sqlite = SqliteFiles(folder)
         self.description = ""
-        self._files = 0
 
     def fresh(self, name: str) -> str:
         """An empty database named `name`: a new SQLite file, or a PostgreSQL database whose
         sessionsync tables are dropped (created first if missing)."""
         if self.kind == "sqlite":
-            self._files += 1
-            self.description = f"SQLite {sqlite3.sqlite_version}, files in {self.folder}"
-            return f"sqlite:///{self.folder / f'{name}-{self._files}.db'}"
+            self.description = f"SQLite {sqlite3.sqlite_version}, files in {self.sqlite.folder}"
+            return self.sqlite.fresh(name)
         url = make_url(self.pg_url)
         database = url.database if name == "daemon" else f"{url.database}_{name}"
         if database == "test":
             raise SystemExit("refusing to use the 'test' database: other engineers' tests run there")
-        url = url.set(database=database)
-        admin = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
-                conn.execute(f'CREATE DATABASE "{database}"')
-            version = conn.execute("SHOW server_version").fetchone()
-        own = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        with psycopg.connect(own, autocommit=True) as conn:
-            conn.execute("DROP TABLE IF EXISTS session_events, sessions, projects, alembic_version CASCADE")
-        self.description = f"PostgreSQL {version[0] if version else '?'} at {url.render_as_string()}"
-        return url.render_as_string(hide_password=False)
+        fresh = empty_postgres_database(url.set(database=database).render_as_string(hide_password=False))
+        self.description = f"PostgreSQL {server_version(fresh)} at {make_url(fresh).render_as_string()}"
+        return fresh
 
 
 def reader(url: str) -> Engine:
@@ -318,135 +306,37 @@ def row_writes(engine: Engine, project_list: Sequence[str], after_id: int) -> di
 # --- the daemon ---------------------------------------------------------------------------------
 
 
-class NotifyListener:
-    """A stand-in for systemd's notify socket: records when the daemon says READY=1."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.bind(str(path))
-        self.ready = threading.Event()
-        self.ready_at = 0.0
-        self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                message = self.sock.recv(4096)
-            except OSError:
-                return
-            if not message:
-                return
-            if b"READY=1" in message.split(b"\n") and not self.ready.is_set():
-                self.ready_at = time.monotonic()
-                self.ready.set()
-
-    def close(self) -> None:
-        # shutdown() wakes the thread blocked in recv(), which then ends.
-        with suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(timeout=5)
-        with suppress(FileNotFoundError):
-            self.path.unlink()
-
-
-@dataclass
-class Daemon:
-    """One `sessionsync run` subprocess with its own config, socket, notify socket and log."""
-
-    process: subprocess.Popen[bytes]
-    socket_path: Path
-    log_path: Path
-    started_at: float
-    ready_at: float
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def status(self) -> dict[str, Any]:
-        return control_request(self.socket_path, {"cmd": "status"}, timeout=30.0)
-
-    def wait_idle(self, deadline_s: float = 60.0) -> bool:
-        """Until nothing is pending in the debouncer or the queue and no batch is in flight."""
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            status = self.status()
-            if status["pending"] == 0 and status["in_flight"] == 0:
-                return True
-            threading.Event().wait(0.05)
-        return False
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 @contextmanager
 def running_daemon(
     workdir: Path, name: str, url: str, project_list: Sequence[str], debounce_ms: int
-) -> Iterator[Daemon]:
-    """Start `sessionsync run` on these projects; yields once it has sent READY=1; SIGTERM at exit."""
+) -> Iterator[tuple[Daemon, float]]:
+    """Start `sessionsync run` on these projects as systemd does (a notify socket, the unit's
+    watchdog); yields it with its start-up time once it has sent READY=1; SIGTERM at exit."""
     run_dir = workdir / f"run-{name}"
     run_dir.mkdir(mode=0o700)
-    config = workdir / f"config-{name}.toml"
-    socket_path = run_dir / "control.sock"
-    config.write_text(
-        "\n".join(
-            (
-                "[database]",
-                f"url = {json.dumps(url)}",
-                "[watch]",
-                f"projects = {json.dumps(list(project_list))}",
-                "roots = []",  # never search the home folder: only the projects built here
-                f"debounce_ms = {debounce_ms}",
-                f"max_delay_ms = {max(MAX_DELAY_MS, debounce_ms)}",
-                "[control]",
-                f"socket = {json.dumps(str(socket_path))}",
-                "",
-            )
-        )
+    systemd = FakeSystemd(str(run_dir / "notify.sock"))
+    systemd.drain()
+    daemon = Daemon(
+        run_dir,
+        url,
+        projects=project_list,  # and no roots: never search the home folder, only the projects built here
+        env=systemd.env(watchdog_usec=WATCHDOG_USEC),
+        debounce_ms=debounce_ms,
+        max_delay_ms=max(MAX_DELAY_MS, debounce_ms),
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SESSIONSYNC_", "WATCHDOG_"))}
-    notify = NotifyListener(run_dir / "notify.sock")
-    env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=WATCHDOG_USEC)
-    log_path = workdir / f"daemon-{name}.log"
-    with open(log_path, "wb") as log:
-        started = time.monotonic()
-        process = subprocess.Popen(
-            [str(SESSIONSYNC), "run", "--config", str(config)],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    daemon = Daemon(process, socket_path, log_path, started, 0.0)
     try:
-        deadline = started + READY_TIMEOUT_S
-        while not notify.ready.wait(0.2):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"daemon {name} did not become ready:\n{daemon.log_tail()}")
-        daemon.ready_at = notify.ready_at
-        yield daemon
+        daemon.start()
+        poll(lambda: systemd.ready.is_set() or not daemon.running, READY_TIMEOUT_S, interval=0.05)
+        if not systemd.ready.is_set():
+            raise SystemExit(f"daemon {name} did not become ready:\n{daemon.log_tail(15)}")
+        yield daemon, systemd.ready_at - daemon.started_at
     finally:
-        stop(process)
-        notify.close()
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (drain and exit 0); SIGKILL only if it has not exited after its drain limit."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        # SIGTERM drains and exits 0; one still draining after its limit is killed by close().
+        with suppress(AssertionError):
+            if daemon.running:
+                daemon.stop(timeout=45)
+        daemon.close()
+        systemd.close()
 
 
 class EventStream:
@@ -822,17 +712,19 @@ def step_burst(
     paths = project_paths(files)
     daemon.wait_idle()
     baseline = last_event_id(engine)
-    before = daemon.status()["counters"]
+    before = daemon.status(STATUS_TIMEOUT_S)["counters"]
     cpu_before = cpu_seconds(daemon.pid)
     progress(f"2. burst: {len(plan):,} writes over {len(files)} sessions")
     burst = run_burst(plan)
     # The final round is the only one to write FINAL: a row holding it mirrors its file's last write.
-    converged = wait_for(
-        lambda: count_with_description(engine, paths, FINAL) >= len(files) or None, CONVERGE_DEADLINE_S
+    converged = poll(
+        lambda: count_with_description(engine, paths, FINAL) >= len(files) and time.monotonic(),
+        CONVERGE_DEADLINE_S,
+        CONVERGE_POLL_S,
     )
     daemon.wait_idle()
     cpu = cpu_seconds(daemon.pid) - cpu_before
-    after = daemon.status()["counters"]
+    after = daemon.status(STATUS_TIMEOUT_S)["counters"]
     per_session = row_writes(engine, paths, baseline)
     detail = ", ".join(
         f"{name} {after[name] - before[name]:,}"
@@ -864,13 +756,14 @@ def step_naive(db: Database, files: Sequence[SessionFile], args: argparse.Namesp
         cpu_before = cpu_seconds(pid)
         progress(f"3. naive: the same {len(plan):,} writes, mirrored event by event")
         burst = run_burst(plan)
-        converged = wait_for(lambda: shared["converged"].value or None, NAIVE_DEADLINE_S)
+        converged = poll(lambda: shared["converged"].value, NAIVE_DEADLINE_S, CONVERGE_POLL_S)
         # It reads each file when it handles an event, so it matches the files as soon as it has
         # handled one event per session after the burst; the rest of its backlog rewrites the same
         # rows. Watch it work through that backlog for a while, then count what is left.
-        wait_for(
-            lambda: shared["writes"].value + shared["errors"].value >= len(plan) or None,
+        poll(
+            lambda: shared["writes"].value + shared["errors"].value >= len(plan),
             burst.ended + NAIVE_DRAIN_S - time.monotonic(),
+            CONVERGE_POLL_S,
         )
         done = int(shared["writes"].value)
         drained_for = time.monotonic() - burst.ended
@@ -892,19 +785,6 @@ def step_naive(db: Database, files: Sequence[SessionFile], args: argparse.Namesp
         f"rows with the final content {matched}/{len(files)}; handler errors {shared['errors'].value}"
     )
     return BurstResult(burst, converged, done + queued, cpu, {}, detail)
-
-
-def wait_for(value: Callable[[], float | bool | None], seconds: float) -> float | None:
-    """Poll `value` every 5 ms until it is truthy; the moment it was (or its own value if it is a
-    time), None after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = value()
-        if got:
-            return got if isinstance(got, float) else time.monotonic()
-        if time.monotonic() >= deadline:
-            return None
-        threading.Event().wait(CONVERGE_POLL_S)
 
 
 def report_burst(
@@ -1004,7 +884,7 @@ def step_memory(report: Report, workdir: Path, db: Database, args: argparse.Name
     try:
         for n, label in enumerate(("cold start (empty database)", "warm restart (rows already there)")):
             progress(f"5. memory: {label}")
-            with running_daemon(workdir, f"many-{n}", url, paths, args.debounce_ms) as daemon:
+            with running_daemon(workdir, f"many-{n}", url, paths, args.debounce_ms) as (daemon, startup_s):
                 rows = count_with_description(engine, paths, "initial")
                 report.add(f"   {label}:")
                 report.target(
@@ -1013,7 +893,7 @@ def step_memory(report: Report, workdir: Path, db: Database, args: argparse.Name
                     f"{plan.memory_sessions:,}",
                     rows == plan.memory_sessions,
                 )
-                report.info("start-up to READY=1", f"{daemon.ready_at - daemon.started_at:.2f} s")
+                report.info("start-up to READY=1", f"{startup_s:.2f} s")
                 report.info("VmRSS at READY=1", f"{proc_status_kb(daemon.pid, 'VmRSS') / 1024:.1f} MiB")
                 report.info("VmHWM (peak)", f"{proc_status_kb(daemon.pid, 'VmHWM') / 1024:.1f} MiB")
                 report.info("inotify watches", f"{inotify_watches(daemon.pid):,}")
@@ -1070,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = reader(url)
         try:
             watched = project_paths(latency_files) + project_paths(burst_files)
-            with running_daemon(workdir, "live", url, watched, args.debounce_ms) as daemon:
+            with running_daemon(workdir, "live", url, watched, args.debounce_ms) as (daemon, _):
                 step_latency(report, daemon, engine, latency_files, args)
                 # The writer's own speed on this machine, now: folders nobody watches.
                 progress("2. burst: the writes alone, on folders nobody watches")

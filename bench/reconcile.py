@@ -3,7 +3,8 @@
 Builds a tree of realistic session folders, then on SQLite and/or PostgreSQL measures in one
 process (time.perf_counter, median of --repeat runs) what the acceptance criteria compare:
 naive / cold (>= 8 on SQLite, >= 12 on PostgreSQL) and warm / floor (<= 5).
-Run: .venv/bin/python bench/reconcile.py [--sessions N] [--projects P] [--db sqlite|postgres|both]
+Run (from the repository root):
+     .venv/bin/python -m bench.reconcile [--sessions N] [--projects P] [--db sqlite|postgres|both]
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from loguru import logger
-
-# bench/ itself is on the path: these scripts run as `python bench/<name>.py`.
-from naive import naive_upsert
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session as OrmSession
 
+from bench.naive import naive_upsert
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import ProjectPath
 from sessionsync.daemon.migrate import upgrade
@@ -42,9 +41,9 @@ from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, re
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.models.state import map_state
 from sessionsync.models.tables import Project
+from tests.support.databases import SqliteFiles, empty_postgres_database, server_version
+from tests.support.sessions import FIXTURES
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE_DIRS = (REPO / "tests" / "fixtures" / "state-json", Path("/work/shared/state-json"))
 SESSIONS_SUBDIR = os.path.join("agents", "sessions")
 MAX_BYTES = 1 << 20
 BATCH_SIZE = 256
@@ -80,20 +79,19 @@ NOTES = (
 
 def load_templates() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The example documents that map cleanly, split into (v1, v2); malformed examples are skipped."""
-    for folder in FIXTURE_DIRS:
-        v1: list[dict[str, Any]] = []
-        v2: list[dict[str, Any]] = []
-        for path in sorted(folder.glob("*.json")):
-            try:
-                doc = json.loads(path.read_bytes())
-            except ValueError:
-                continue
-            if not isinstance(doc, dict) or map_state(doc).field_errors:
-                continue
-            (v2 if "phase_history" in doc or "build_progress" in doc else v1).append(doc)
-        if v1 and v2:
-            return v1, v2
-    raise SystemExit(f"no v1 and v2 example state.json files in {' or '.join(map(str, FIXTURE_DIRS))}")
+    v1: list[dict[str, Any]] = []
+    v2: list[dict[str, Any]] = []
+    for path in sorted(FIXTURES.glob("*.json")):
+        try:
+            doc = json.loads(path.read_bytes())
+        except ValueError:
+            continue
+        if not isinstance(doc, dict) or map_state(doc).field_errors:
+            continue
+        (v2 if "phase_history" in doc or "build_progress" in doc else v1).append(doc)
+    if not (v1 and v2):
+        raise SystemExit(f"no v1 and v2 example state.json files in {FIXTURES}")
+    return v1, v2
 
 
 def _iso(moment: datetime) -> str:
@@ -220,16 +218,13 @@ class SqliteBackend:
     name = "sqlite"
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.count = 0
-        folder.mkdir(parents=True, exist_ok=True)
+        self.files = SqliteFiles(folder)
 
     def fresh_url(self) -> str:
-        self.count += 1
-        return f"sqlite:///{self.folder / f'bench-{self.count}.db'}"
+        return self.files.fresh("bench")
 
     def describe(self) -> str:
-        return f"SQLite {sqlite3.sqlite_version}, files in {self.folder}"
+        return f"SQLite {sqlite3.sqlite_version}, files in {self.files.folder}"
 
 
 class PostgresBackend:
@@ -242,15 +237,7 @@ class PostgresBackend:
         self.version = ""
 
     def fresh_url(self) -> str:
-        engine = create_engine(self.url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(
-                    text("DROP TABLE IF EXISTS session_events, sessions, projects, alembic_version CASCADE")
-                )
-                self.version = str(conn.execute(text("SHOW server_version")).scalar_one())
-        finally:
-            engine.dispose()
+        self.version = server_version(empty_postgres_database(self.url))
         return self.url
 
     def describe(self) -> str:

@@ -1,8 +1,13 @@
-"""Shared fixtures: a real database per test (SQLite file, or the test PostgreSQL server), session
-folders written like agents write them, and a deadline-based wait.
+"""Fixtures and session-wide guards. The helpers themselves live in tests.support, which the
+benchmarks import too.
 
-PostgreSQL comes from $SESSIONSYNC_TEST_PG_URL; without it those tests skip, unless $CI is
-set, where they fail: CI must never pass by skipping the production database.
+Every test gets a real database where it asks for one (`db_url`: a SQLite file, or a schema of
+its own on the test PostgreSQL server). PostgreSQL comes from $SESSIONSYNC_TEST_PG_URL; without it
+those tests skip, unless $CI is set, where they fail: CI must never pass by skipping the
+production database.
+
+After every test, no database connection it (or the code it ran) checked out may still be out or
+have been left to the garbage collector: see tests.support.leaks.
 
 Tests marked `sysctl` lower machine-wide inotify settings for a moment, under every process on the
 box; they run only with SESSIONSYNC_TEST_SYSCTL=1 (CI sets it). Whatever runs, the session fails
@@ -12,33 +17,19 @@ if any inotify setting differs at the end from what it was at the start.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
-import json
 import os
-import shutil
-import tempfile
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from sessionsync.models.keys import SessionKey
+from tests.support.databases import libpq_url, postgres_schema
+from tests.support.inotify_limits import inotify_sysctls
+from tests.support.leaks import ConnectionLedger
 
-FIXTURES = Path(__file__).parent / "fixtures" / "state-json"
 PG_URL = os.environ.get("SESSIONSYNC_TEST_PG_URL", "")
 IN_CI = bool(os.environ.get("CI"))
 SYSCTL_ENV = "SESSIONSYNC_TEST_SYSCTL"
-# The machine-wide inotify settings. fs.inotify.max_user_{watches,instances} and
-# user.max_inotify_{watches,instances} are two names for one value each (the initial user
-# namespace's); both are read, and both names' locks are taken.
-INOTIFY_SYSCTL_GLOBS = ("/proc/sys/fs/inotify/*", "/proc/sys/user/max_inotify_*")
-SETTLE_LOCK_S = 300.0
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -48,38 +39,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(f"changes machine-wide inotify sysctls; set {SYSCTL_ENV}=1 to run it (CI does)")
     if os.geteuid() != 0:
         pytest.skip("changing sysctls needs root")
-
-
-def sysctl_lock_path(name: str) -> Path:
-    """The lock file a run holds (exclusively) while it has lowered the setting `name`
-    (`fs.inotify.max_queued_events`), so that no other run reads the lowered value as the original."""
-    return Path(tempfile.gettempdir()) / f"sessionsync-sysctl-{name}.lock"
-
-
-def _sysctl_name(path: str) -> str:
-    return path.removeprefix("/proc/sys/").replace("/", ".")
-
-
-def inotify_sysctls() -> dict[str, str]:
-    """Every inotify setting under /proc/sys, by path, read while no run of ours has one lowered
-    (shared locks on every setting's lock, waiting up to SETTLE_LOCK_S for a holder to put it back)."""
-    paths = sorted(p for pattern in INOTIFY_SYSCTL_GLOBS for p in glob.glob(pattern))
-    with contextlib.ExitStack() as stack:
-        deadline = time.monotonic() + SETTLE_LOCK_S
-        for path in paths:
-            fd = os.open(sysctl_lock_path(_sysctl_name(path)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            stack.callback(os.close, fd)
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"{path} stayed locked (lowered by another run) for {SETTLE_LOCK_S} s"
-                        ) from None
-                    time.sleep(0.05)
-        return {path: Path(path).read_text().strip() for path in paths}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -103,6 +62,46 @@ def machine_inotify_settings_unchanged() -> Iterator[None]:
     pytest.fail("the tests changed machine-wide inotify settings:\n  " + "\n  ".join(lines), pytrace=False)
 
 
+# -- leaked database connections ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def connection_ledger() -> Iterator[ConnectionLedger]:
+    with ConnectionLedger() as ledger:
+        yield ledger
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # Kept on the item, so that the leak check can tell a test that already failed.
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_connections(
+    request: pytest.FixtureRequest, connection_ledger: ConnectionLedger
+) -> Iterator[None]:
+    """After the test and its fixtures (torn down before this, as it is set up first): every pool
+    connection checked out meanwhile is back in its pool, and none got there by the garbage collector.
+    A test that failed already is not told about the connections its failure left behind."""
+    connection_ledger.begin()
+    yield
+    leaks = connection_ledger.end()
+    if leaks and not request.node.stash.get(_CALL_FAILED, False):
+        pytest.fail(leaks.message(), pytrace=False)
+
+
+# -- databases ---------------------------------------------------------------------------------------
+
+
 def require_postgres() -> str:
     """The test PostgreSQL URL; skips (or fails under CI) when there is none or it is down."""
     if not PG_URL:
@@ -112,34 +111,12 @@ def require_postgres() -> str:
     import psycopg
 
     try:
-        psycopg.connect(_libpq(PG_URL), connect_timeout=3).close()
+        psycopg.connect(libpq_url(PG_URL), connect_timeout=3).close()
     except psycopg.OperationalError as exc:
         if IN_CI:
             pytest.fail(f"PostgreSQL at {PG_URL} is unreachable under CI: {exc}")
         pytest.skip(f"PostgreSQL at {PG_URL} is unreachable: {exc}")
     return PG_URL
-
-
-def _libpq(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://")
-
-
-@contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A URL whose connections live in a new, empty schema (dropped afterwards), so tests and
-    concurrent runs on one server never see each other's tables."""
-    import psycopg
-
-    base = require_postgres()
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(base), autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in base else "?"
-    try:
-        yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(_libpq(base), autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -148,57 +125,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'sessions.db'}"
         return
-    with postgres_schema() as url:
-        yield url
+    with postgres_schema(require_postgres()) as schema:
+        yield schema.url
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    with postgres_schema() as url:
-        yield url
-
-
-def fixture_doc(name: str) -> dict[str, Any]:
-    """One of the example state.json documents, parsed."""
-    return dict(json.loads((FIXTURES / f"{name}.json").read_text()))
-
-
-def write_state(
-    project: Path, slug: str, content: dict[str, Any] | bytes | str, *, atomic: bool = True
-) -> Path:
-    """Write a session's state.json the way agents do: a temp file renamed into place."""
-    folder = project / "agents" / "sessions" / slug
-    folder.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, dict):
-        data = json.dumps(content).encode()
-    elif isinstance(content, str):
-        data = content.encode()
-    else:
-        data = content
-    target = folder / "state.json"
-    if atomic:
-        tmp = folder / "state.json.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    else:
-        target.write_bytes(data)
-    return target
-
-
-def remove_session(project: Path, slug: str) -> None:
-    shutil.rmtree(project / "agents" / "sessions" / slug)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll `condition` until it returns something truthy; fail with a clear message at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s (last value: {last!r})")
+    """A new, empty schema on the test PostgreSQL server (dropped afterwards)."""
+    with postgres_schema(require_postgres()) as schema:
+        yield schema.url
 
 
 @pytest.fixture
@@ -207,39 +142,3 @@ def project(tmp_path: Path) -> Path:
     path = tmp_path / "proj"
     (path / "agents" / "sessions").mkdir(parents=True)
     return path.resolve()
-
-
-class Recorder:
-    """Collects what the watcher reports; `wait` blocks until a condition holds or fails at a deadline."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.keys: list[SessionKey] = []
-        self.resyncs: list[tuple[str, str]] = []
-
-    def on_key(self, key: SessionKey) -> None:
-        with self.cond:
-            self.keys.append(key)
-            self.cond.notify_all()
-
-    def on_resync(self, project: str, reason: str) -> None:
-        with self.cond:
-            self.resyncs.append((project, reason))
-            self.cond.notify_all()
-
-    def wait(self, condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-        with self.cond:
-            return self.cond.wait_for(condition, timeout)
-
-    def expect_keys(self, *keys: SessionKey) -> None:
-        assert self.wait(lambda: set(keys) <= set(self.keys)), f"missing {set(keys) - set(self.keys)}"
-
-    def expect_resync(self, project: str, reason: str, count: int = 1) -> None:
-        assert self.wait(lambda: self.resyncs.count((project, reason)) >= count), (
-            f"no {count} x {reason!r} for {project}; got {self.resyncs}"
-        )
-
-    def clear(self) -> None:
-        with self.cond:
-            self.keys.clear()
-            self.resyncs.clear()

@@ -1,4 +1,4 @@
-"""A short chaos run in the suite: bench/chaos.py's seeded workload (writes of every kind, bad
+"""A short chaos run in the suite: the seeded workload of bench/chaos/ (writes of every kind, bad
 input, sessions moved and removed, projects appearing) with its faults (kill -9, SIGTERM mid-burst,
 SIGSTOP, database cut or slow, inotify overflow, out of watches) for about 15 s, on SQLite and
 PostgreSQL. Afterwards every row must match an independent reading of the files. The overflow and

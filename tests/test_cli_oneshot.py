@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, func, select
 
 from sessionsync.daemon.migrate import head_revision
 from sessionsync.models.tables import projects, sessions
-from tests.conftest import fixture_doc, remove_session, write_state
+from tests.support.sessions import fixture_doc, remove_session, write_state
 
 SESSIONSYNC = Path(sys.executable).parent / "sessionsync"
 UNREACHABLE_URL = "postgresql+psycopg://nobody@127.0.0.1:1/x"

@@ -32,8 +32,11 @@ from sqlalchemy.pool import NullPool
 from sessionsync.daemon.control.protocol import MAX_LINE
 from sessionsync.daemon.errors import ControlError
 from sessionsync.models.tables import sessions
-from tests.conftest import fixture_doc, wait_for, write_state
-from tests.daemon_harness import SESSIONSYNC, Daemon, rows
+from tests.support.databases import libpq_url
+from tests.support.runner import SESSIONSYNC, Daemon
+from tests.support.sessions import fixture_doc, write_state
+from tests.support.snapshot import rows
+from tests.support.waiting import wait_for
 
 NOBODY = 65534
 STATUS_KEYS = {
@@ -754,7 +757,7 @@ def test_a_stuck_subscriber_slows_nothing_and_is_told_it_lagged(tmp_path: Path) 
 
 @contextlib.contextmanager
 def listening(url: str) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         conn.execute("LISTEN sessionsync")
         yield conn
 

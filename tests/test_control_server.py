@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from sessionsync.daemon.errors import (
 )
 from sessionsync.daemon.hub import EventHub
 from sessionsync.models.control import PingRequest, ResyncRequest, SyncRequest
+from tests.support.waiting import wait_for
 
 NOBODY = 65534
 
@@ -97,13 +98,6 @@ class Peer:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -326,9 +320,9 @@ def test_events_published_after_subscribing_arrive_in_order(server: ControlServe
 
     follower = threading.Thread(target=follow)
     follower.start()
-    wait_until(lambda: hub.subscriber_count() == 1)
+    wait_for(lambda: hub.subscriber_count() == 1)
     hub.publish_many([{"kind": "session.updated", "slug": f"s{n}", "n": n} for n in range(100)])
-    wait_until(lambda: len(received) == 100)
+    wait_for(lambda: len(received) == 100)
     assert [e["n"] for e in received] == list(range(100))
     server.stop()  # ends the stream: the follower returns
     follower.join(5)

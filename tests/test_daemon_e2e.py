@@ -20,21 +20,19 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import fixture_doc, remove_session, wait_for, write_state
-from tests.daemon_harness import (
-    Daemon,
+from tests.support.inotify_limits import (
     Sysctl,
     SysctlStandIn,
-    converged,
-    events,
-    proxied_url,
-    rows,
     stand_in_env,
-    url_target,
     user_namespace_prefix,
     user_namespaces_usable,
 )
-from tests.tcp_proxy import TcpProxy
+from tests.support.oracle import converged
+from tests.support.proxy import TcpProxy, proxied_url, url_target
+from tests.support.runner import Daemon
+from tests.support.sessions import fixture_doc, remove_session, write_state
+from tests.support.snapshot import events, rows
+from tests.support.waiting import wait_for
 
 FAST: dict[str, Any] = {"debounce_ms": 50, "max_delay_ms": 500}
 SETTLE_S = 5.0

@@ -26,7 +26,8 @@ import pytest
 from sessionsync.daemon.cli import build_parser
 from sessionsync.daemon.control.client import request
 from sessionsync.daemon.errors import SessionSyncError
-from tests.conftest import fixture_doc, wait_for, write_state
+from tests.support.sessions import fixture_doc, write_state
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SESSIONSYNC = Path(sys.executable).parent / "sessionsync"

@@ -1,4 +1,4 @@
-"""Regression tests for daemon bugs the chaos run (bench/chaos.py) found, one test per bug, each
+"""Regression tests for daemon bugs the chaos run (bench/chaos/) found, one test per bug, each
 named after what it caught. Each builds the smallest scene that showed the bug, on real inotify,
 files and databases.
 """
@@ -15,8 +15,12 @@ import pytest
 
 from sessionsync.daemon.watcher import RESYNC_CREATED, RESYNC_REMOVED, RESYNC_RESTARTED, SessionWatcher
 from sessionsync.models.keys import SessionKey
-from tests.conftest import Recorder, wait_for, write_state
-from tests.daemon_harness import Daemon, converged, rows
+from tests.support.oracle import converged
+from tests.support.recorder import Recorder
+from tests.support.runner import Daemon
+from tests.support.sessions import write_state
+from tests.support.snapshot import rows
+from tests.support.waiting import wait_for
 
 TIMEOUT = 5.0
 

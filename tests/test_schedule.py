@@ -21,8 +21,10 @@ from sessionsync.daemon import cli
 from sessionsync.daemon.errors import EXIT_USAGE
 from sessionsync.daemon.scheduler import is_overdue, next_run
 from sessionsync.models.tables import projects, sessions
-from tests.conftest import remove_session, wait_for, write_state
-from tests.daemon_harness import Daemon, events, rows
+from tests.support.runner import Daemon
+from tests.support.sessions import remove_session, write_state
+from tests.support.snapshot import events, rows
+from tests.support.waiting import wait_for
 
 PARIS = ZoneInfo("Europe/Paris")
 NEW_YORK = ZoneInfo("America/New_York")

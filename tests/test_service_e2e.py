@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import tempfile
 import time
 import tomllib
@@ -21,56 +20,15 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from tests.conftest import postgres_schema, wait_for, write_state
-from tests.daemon_harness import Daemon, rows
+from tests.support.notify import FakeSystemd
+from tests.support.runner import Daemon
+from tests.support.sessions import write_state
+from tests.support.snapshot import rows
+from tests.support.waiting import wait_for
 
 DEADLINE_S = 10.0
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d")
 PRIORITY = re.compile(r"^<[0-7]>")
-
-
-class FakeSystemd:
-    """The notify socket systemd owns: a bound datagram socket, read as the test needs it."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address  # as $NOTIFY_SOCKET says it: a path, or "@name" (abstract)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-
-    def env(self, watchdog_usec: int | None = None) -> dict[str, str]:
-        env = {"NOTIFY_SOCKET": self.address}
-        if watchdog_usec is not None:
-            env["WATCHDOG_USEC"] = str(watchdog_usec)
-        return env
-
-    def _receive(self, timeout: float) -> list[str] | None:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            return self.sock.recv(65536).decode().split("\n")
-        except TimeoutError:
-            return None
-
-    def until(self, field: str, count: int = 1, timeout: float = DEADLINE_S) -> list[list[str]]:
-        """Receive until `count` datagrams holding `field` have come; returns all received meanwhile."""
-        deadline = time.monotonic() + timeout
-        got: list[list[str]] = []
-        while sum(field in fields for fields in got) < count:
-            fields = self._receive(deadline - time.monotonic())
-            if fields is None:
-                raise AssertionError(f"{count} x {field} not received within {timeout} s; got {got}")
-            got.append(fields)
-        return got
-
-    def during(self, seconds: float) -> list[list[str]]:
-        """Everything received within `seconds`: for asserting that something has stopped coming."""
-        deadline = time.monotonic() + seconds
-        got: list[list[str]] = []
-        while (fields := self._receive(deadline - time.monotonic())) is not None:
-            got.append(fields)
-        return got
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -263,18 +221,17 @@ def test_json_format_every_line_is_an_object_and_session_lines_name_the_session(
 
 
 @pytest.mark.postgres
-def test_a_database_password_never_reaches_the_log(tmp_path: Path, project: Path) -> None:
-    with postgres_schema() as url:
-        # Trust authentication accepts any password: this one is only there to leak.
-        with_password = make_url(url).set(password="sekrit").render_as_string(hide_password=False)
-        write_state(project, "s1", doc("one"))
-        with Daemon(tmp_path, with_password, projects=[project], level="DEBUG", debounce_ms=20) as daemon:
-            wait_for(lambda: daemon.log_count("sessionsync started"))
-            write_state(project, "s2", doc("two"))
-            wait_for(lambda: (str(project), "s2") in titles(url))
-            status = daemon.status()
-            assert daemon.stop() == 0
-            log = daemon.log()
+def test_a_database_password_never_reaches_the_log(tmp_path: Path, project: Path, pg_url: str) -> None:
+    # Trust authentication accepts any password: this one is only there to leak.
+    with_password = make_url(pg_url).set(password="sekrit").render_as_string(hide_password=False)
+    write_state(project, "s1", doc("one"))
+    with Daemon(tmp_path, with_password, projects=[project], level="DEBUG", debounce_ms=20) as daemon:
+        wait_for(lambda: daemon.log_count("sessionsync started"))
+        write_state(project, "s2", doc("two"))
+        wait_for(lambda: (str(project), "s2") in titles(pg_url))
+        status = daemon.status()
+        assert daemon.stop() == 0
+        log = daemon.log()
     assert "sekrit" not in log
     assert "postgres:***@127.0.0.1" in log  # the URL is shown, masked
     assert "sekrit" not in json.dumps(status)

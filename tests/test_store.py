@@ -24,7 +24,9 @@ from sessionsync.daemon.migrate import alembic_config, upgrade
 from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
 from sessionsync.models.tables import Base, projects, session_events, sessions
-from tests.conftest import fixture_doc, remove_session, wait_for, write_state
+from tests.support.databases import libpq_url
+from tests.support.sessions import fixture_doc, remove_session, write_state
+from tests.support.waiting import wait_for
 
 MAX = 1_048_576
 
@@ -507,7 +509,7 @@ def terminate_writers(url: str) -> list[int]:
     wait until they are gone."""
     import psycopg
 
-    libpq = url.replace("postgresql+psycopg://", "postgresql://")
+    libpq = libpq_url(url)
     mine = (
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'sessionsync' AND pid <> pg_backend_pid()"
     )

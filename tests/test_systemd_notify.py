@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -14,46 +13,23 @@ import pytest
 from loguru import logger
 
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
+from tests.support.notify import FakeSystemd
 
 DEADLINE_S = 5.0
 
 
-class FakeSystemd:
-    """A bound datagram socket, as systemd's notify socket is; hands out what it receives."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-
-    def receive(self, timeout: float = DEADLINE_S) -> list[str]:
-        self.sock.settimeout(timeout)
-        return self.sock.recv(65536).decode().split("\n")
-
-    def pending(self) -> list[list[str]]:
-        """Every datagram already queued, without waiting."""
-        self.sock.setblocking(False)
-        found: list[list[str]] = []
-        while True:
-            try:
-                found.append(self.sock.recv(65536).decode().split("\n"))
-            except BlockingIOError:
-                return found
-
-
 @pytest.fixture
 def path_socket(tmp_path: Path) -> Iterator[tuple[FakeSystemd, str]]:
-    address = str(tmp_path / "notify")
-    fake = FakeSystemd(address)
-    yield fake, address
-    fake.sock.close()
+    fake = FakeSystemd(str(tmp_path / "notify"))
+    yield fake, fake.address
+    fake.close()
 
 
 @pytest.fixture
 def abstract_socket() -> Iterator[tuple[FakeSystemd, str]]:
-    name = f"sessionsync-test-{uuid.uuid4().hex}"
-    fake = FakeSystemd("\0" + name)
-    yield fake, "@" + name
-    fake.sock.close()
+    fake = FakeSystemd(f"@sessionsync-test-{uuid.uuid4().hex}")
+    yield fake, fake.address
+    fake.close()
 
 
 @pytest.fixture
@@ -132,7 +108,7 @@ def test_socket_gone_is_logged_once_and_never_raises(tmp_path: Path, warnings: l
     address = str(tmp_path / "notify")
     fake = FakeSystemd(address)
     notifier = Notifier({"NOTIFY_SOCKET": address})
-    fake.sock.close()
+    fake.close()
     os.unlink(address)
     notifier.status("one")
     notifier.status("two")

@@ -33,7 +33,7 @@ from sessionsync.daemon.watch_state import (
 )
 from sessionsync.daemon.watcher import EventSource, SessionWatcher
 from sessionsync.models.keys import SessionKey
-from tests.conftest import Recorder
+from tests.support.recorder import Recorder
 
 P = "/code/app"
 AGENTS = P + "/agents"

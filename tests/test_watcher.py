@@ -29,8 +29,8 @@ from sessionsync.daemon.inotify_faults import InotifyFaults, watches_held
 from sessionsync.daemon.inotify_source import PromptDelayedQueue
 from sessionsync.daemon.watcher import SessionWatcher
 from sessionsync.models.keys import SessionKey
-from tests.conftest import Recorder
-from tests.daemon_harness import Sysctl, user_namespaces_usable
+from tests.support.inotify_limits import Sysctl, user_namespaces_usable
+from tests.support.recorder import Recorder
 
 TIMEOUT = 5.0
 

@@ -1,8 +1,9 @@
 """A TCP proxy a test controls, to put a database outage or latency between the daemon and PostgreSQL.
 
-The daemon's database URL points at the proxy's port. `cut()` breaks every open connection and
-refuses new ones (accepted, then closed at once) until `restore()`; `slow(seconds)` delays every
-chunk forwarded in either direction. Threads only: one accepting, two pumps per connection.
+The daemon's database URL points at the proxy's port (`proxied_url`). `cut()` breaks every open
+connection and refuses new ones (accepted, then closed at once) until `restore()`; `slow(seconds)`
+delays every chunk forwarded in either direction. Threads only: one accepting, two pumps per
+connection.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import socket
 import threading
 from types import TracebackType
+
+from sqlalchemy.engine import make_url
 
 _CHUNK = 65536
 
@@ -167,3 +170,14 @@ def _hang_up(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
+
+
+def proxied_url(url: str, host: str, port: int) -> str:
+    """`url` with its server replaced by host:port (a TcpProxy in front of PostgreSQL)."""
+    return make_url(url).set(host=host, port=port).render_as_string(hide_password=False)
+
+
+def url_target(url: str) -> tuple[str, int]:
+    """The (host, port) a PostgreSQL URL connects to."""
+    parsed = make_url(url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432

@@ -1,0 +1,136 @@
+"""One seeded chaos run: the real daemon on the run's session tree, the workload's operations
+interleaved with faults, then a calm tail and the checks. `Chaos(...).run()` returns the Outcome."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from bench.chaos import checks
+from bench.chaos.faults import EXIT_DEADLINE_S, START_DEADLINE_S, Faults
+from bench.chaos.record import Outcome, mark
+from bench.chaos.workload import MAX_STATE_BYTES, Workload
+from sessionsync.daemon.service import FALLBACK_SCAN_ENV
+from tests.support.inotify_limits import stand_in_env
+from tests.support.proxy import TcpProxy, proxied_url, url_target
+from tests.support.runner import Daemon
+
+DEFAULT_FAULT_GAP = (120, 400)
+CALM_FROM = 0.85  # the last 15 % of a run (of its seconds, or its --max-ops) has no faults
+
+
+class Chaos:
+    """One seeded run against one database; `run()` returns the Outcome. Owns the daemon, the
+    proxy (PostgreSQL) and the inotify limits it lowers (the daemon's own through the seam, or
+    with `real_sysctl` the machine's), and puts them all back."""
+
+    def __init__(
+        self,
+        seed: int,
+        seconds: float,
+        db_url: str,
+        workdir: Path,
+        fault_gap: tuple[int, int] = DEFAULT_FAULT_GAP,
+        max_ops: int | None = None,
+        real_sysctl: bool = False,
+    ) -> None:
+        # The one source of every choice, workload's and faults' alike: a seed replays a run.
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.seconds = seconds
+        self.db_url = db_url
+        self.postgres = make_url(db_url).get_backend_name() == "postgresql"
+        self.out = Outcome(seed, "postgres" if self.postgres else "sqlite", seconds)
+        self.work = workdir.resolve()
+        self.fault_gap = fault_gap  # operations between two faults, drawn in this range
+        if fault_gap != DEFAULT_FAULT_GAP:
+            self.out.options += f" --fault-gap {fault_gap[0]}-{fault_gap[1]}"
+        if max_ops is not None:
+            self.out.options += f" --max-ops {max_ops}"
+        self.max_ops = max_ops  # stop before `seconds` when reached: the test's fixed sequence
+        self.real_sysctl = real_sysctl
+        if real_sysctl:
+            self.out.options += " --real-sysctl"
+        self.stand_ins = self.work / "inotify-sysctl"  # read by the daemon's seam (unless real_sysctl)
+        self.workload = Workload(self.rng, self.work)
+
+    def run(self) -> Outcome:
+        self.workload.populate()
+        daemon_url = self.db_url
+        proxy: TcpProxy | None = None
+        with contextlib.ExitStack() as stack:
+            if self.postgres:
+                host, port = url_target(self.db_url)
+                proxy = stack.enter_context(TcpProxy(host, port))
+                daemon_url = proxied_url(self.db_url, proxy.host, proxy.port)
+            debounce = self.rng.choice((20, 50, 200))
+            daemon = stack.enter_context(
+                Daemon(
+                    self.work,
+                    daemon_url,
+                    projects=[self.workload.explicit],
+                    roots=[self.workload.root],
+                    env={
+                        FALLBACK_SCAN_ENV: "1",
+                        **({} if self.real_sysctl else stand_in_env(self.stand_ins)),
+                    },
+                    debounce_ms=debounce,
+                    max_delay_ms=debounce * 10,
+                    threads=self.rng.choice((1, 2, 4)),
+                    batch_size=self.rng.choice((1, 8, 256)),
+                    discover_interval_s=1,
+                    discover_depth=3,
+                    max_state_bytes=MAX_STATE_BYTES,
+                )
+            )
+            faults = Faults(
+                self.rng,
+                self.out,
+                self.workload,
+                daemon,
+                self.db_url,
+                proxy,
+                self.stand_ins,
+                self.real_sysctl,
+            )
+            self._operate(daemon, faults)
+            faults.heal_all()
+            mark(daemon, self.out.ops, "check")
+            checks.check(self.out, daemon, self.db_url, self.workload.all_projects)
+            code = daemon.stop(EXIT_DEADLINE_S)
+            if code != 0:
+                self.out.errors.append(f"final SIGTERM: the daemon exited with {code}, not 0")
+            checks.read_log(self.out, daemon)
+        return self.out
+
+    def _operate(self, daemon: Daemon, faults: Faults) -> None:
+        """Operations with faults, then a calm tail: the faults healed, the daemon started, more
+        operations. Without it a restart's reconcile just before the check would mirror every
+        change and hide a watcher that misses them."""
+        started = time.monotonic()
+        deadline = started + self.seconds
+        calm = False
+        next_fault = self.rng.randint(*self.fault_gap) // 2
+        while time.monotonic() < deadline and self.out.ops != self.max_ops:
+            if self.max_ops is None:
+                calm_due = time.monotonic() >= started + CALM_FROM * self.seconds
+            else:
+                calm_due = self.out.ops >= CALM_FROM * self.max_ops
+            if calm_due and not calm:
+                calm = True
+                faults.heal_all()
+                mark(daemon, self.out.ops, "calm")
+                daemon.wait_started(START_DEADLINE_S)
+            if not calm:
+                faults.heal_due()
+                faults.watch_for_crash()
+                if self.out.ops >= next_fault:
+                    faults.start()
+                    next_fault = self.out.ops + self.rng.randint(*self.fault_gap)
+            self.workload.one_op()
+            self.out.ops += 1
+            time.sleep(self.rng.uniform(0, 0.015))  # the pace of agents, part of the scenario
