@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fixture_doc, write_state
+from tests.support.sessions import fixture_doc, write_state
 
 SESSIONSYNC = Path(sys.executable).parent / "sessionsync"
 
@@ -104,7 +104,7 @@ def test_a_folder_name_that_is_not_utf8_stops_nothing(tmp_path: Path) -> None:
 
 
 def test_a_poison_folder_name_under_a_running_daemon_stops_no_other_session(tmp_path: Path) -> None:
-    from tests.conftest import wait_for
+    from tests.support.waiting import wait_for
     from tests.test_front_door import NewUser
 
     user = NewUser(tmp_path)
