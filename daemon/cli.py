@@ -267,6 +267,19 @@ def cmd_install_unit(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace, cfg: Config | ConfigError) -> int:
+    from sessionsync.daemon.doctor import run_checks
+
+    report = run_checks(cfg, args.config)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
+    sys.stdout.flush()  # here, so that a closed pipe is caught by run() like any command's
+    return EXIT_FAILURE if report.status == "FAIL" else EXIT_OK
+
+
 def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
@@ -343,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     command("check-config", cmd_check_config, "validate the configuration, as `run` would")
+
+    p = command(
+        "doctor",
+        cmd_doctor,
+        "check the setup (config, database, socket, daemon, inotify, unit): OK, WARN, FAIL",
+    )
+    p.add_argument("--json", action="store_true", help="the checks as one indented JSON object")
     return parser
 
 
@@ -391,6 +411,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         try:
             cfg = load_config(args.config)
         except ConfigError as exc:
+            if func is cmd_doctor:  # a config that does not validate is one of its FAIL lines
+                return cmd_doctor(args, exc)
             if func not in _CLIENT_COMMANDS:
                 raise
             cfg = _client_config(args.config, exc)

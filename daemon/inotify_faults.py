@@ -28,7 +28,8 @@ class InotifyFaults:
     each watch added, like the sysctl. `fail_watch(path)`: called before each watch is added; it may
     raise OSError. `sysctl_dir`: a folder whose files `max_queued_events` and `max_user_watches`, when
     present, give those two values instead (re-read each time, so a test can lower and restore them
-    while a daemon runs); `from_env` takes it from $SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR.
+    while a daemon runs); `from_env` takes it from $SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR. Its file
+    `max_user_instances` is read by `sessionsync doctor` only (`user_instances`); nothing applies it.
     """
 
     max_queued_events: int | None = None
@@ -46,6 +47,9 @@ class InotifyFaults:
 
     def user_watches(self) -> int | None:
         return self._value("max_user_watches", self.max_user_watches)
+
+    def user_instances(self) -> int | None:
+        return self._value("max_user_instances", None)
 
     def before_watch(self, path: bytes) -> None:
         """Raise what the kernel (or the test) would for adding a watch on `path` now."""

@@ -73,7 +73,9 @@ class Schedule:
 
     def next_nightly(self) -> datetime | None:
         job = self._scheduler.get_job("nightly") if self._scheduler else None
-        fire: datetime | None = job.next_run_time if job else None
+        # A job added before the scheduler has started (status asked during start-up) has no
+        # next_run_time attribute yet.
+        fire: datetime | None = getattr(job, "next_run_time", None)
         return fire
 
     def stop(self) -> None:

@@ -57,6 +57,19 @@ def render_unit(kind: UnitKind, executable: str, config: str | None = None) -> s
     return text.replace(_PLACEHOLDER, f"ExecStart={' '.join(map(_quote_exec_word, words))}\n")
 
 
+def exec_start_words(unit_text: str) -> list[str] | None:
+    """The words of a unit's ExecStart= line as systemd splits them, undoing what render_unit does
+    (quotes, `\\` escapes, doubled `%` and `$`); None without one, or when it cannot be split."""
+    lines = [line for line in unit_text.splitlines() if line.startswith("ExecStart=")]
+    if not lines:
+        return None
+    try:
+        words = shlex.split(lines[-1].removeprefix("ExecStart="))  # the last one is what runs
+    except ValueError:
+        return None
+    return [word.replace("%%", "%").replace("$$", "$") for word in words]
+
+
 def default_executable() -> str:
     """The installed `sessionsync` command, absolute: next to sys.executable (a venv's bin), else on PATH."""
     # Not resolved: a venv's python is a symlink to the system one, whose folder has no sessionsync.

@@ -19,7 +19,7 @@ from sqlalchemy.pool import NullPool
 
 from sessionsync.daemon import cli
 from sessionsync.daemon.errors import EXIT_USAGE
-from sessionsync.daemon.scheduler import is_overdue, next_run
+from sessionsync.daemon.scheduler import Schedule, is_overdue, next_run
 from sessionsync.models.tables import projects, sessions
 from tests.support.runner import Daemon
 from tests.support.sessions import remove_session, write_state
@@ -254,3 +254,13 @@ def test_the_config_check_agrees_with_the_scheduler(expr: str) -> None:
         CronTrigger.from_crontab(" ".join(fields), timezone=UTC)
 
     assert accepted(lambda: crontab.check(expr)) == accepted(scheduler_check)
+
+
+def test_next_nightly_is_none_while_the_scheduler_starts() -> None:
+    # Jobs added but the scheduler not started yet, as `status` may find them during start-up.
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    schedule = Schedule(lambda: None, lambda: None)
+    schedule._scheduler = BackgroundScheduler(timezone=UTC)
+    schedule._add_jobs(NIGHTLY, UTC, 60)
+    assert schedule.next_nightly() is None

@@ -15,6 +15,7 @@ from sessionsync.daemon.unit import (
     UnitKind,
     _enable_commands,
     default_executable,
+    exec_start_words,
     install_unit,
     render_unit,
     unit_destination,
@@ -149,3 +150,12 @@ def test_system_commands_name_the_user_behind_sudo() -> None:
         "systemctl enable --now sessionsync@alice",
     ]
     assert _enable_commands("system", {"USER": "bob"})[1] == "systemctl enable --now sessionsync@bob"
+
+
+@pytest.mark.parametrize(
+    "executable", ["/opt/my tools/bin/sessionsync", "/home/a%b/$x/sessionsync", '/o"dd\\/sessionsync']
+)
+def test_exec_start_words_undo_what_render_unit_writes(executable: str) -> None:
+    unit = render_unit("user", executable, "/etc/ss 1/config.toml")
+    assert exec_start_words(unit) == [executable, "run", "--config", "/etc/ss 1/config.toml"]
+    assert exec_start_words("[Service]\nType=notify\n") is None
