@@ -393,7 +393,7 @@ def _client_config(explicit: str | None, error: ConfigError) -> Config:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
             socket = ""
     print("sessionsync: asking the running daemon anyway", file=sys.stderr)
-    return Config.model_construct(control=ControlConfig.model_construct(socket=socket))
+    return Config.model_construct(control=ControlConfig.model_construct(socket=socket), source=path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

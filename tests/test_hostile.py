@@ -3,6 +3,7 @@ sessions, to the logs, or to the database."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -118,6 +119,14 @@ def test_a_poison_folder_name_under_a_running_daemon_stops_no_other_session(tmp_
         write_state(two, "elsewhere", fixture_doc("v2-spec"))
         wait_for(lambda: {"beside", "elsewhere"} <= set(user.rows()), timeout=10)
         assert user.run("resync", "--all", "--wait").returncode == 0
+        # The warning about it is in `status`, and the name survives the control protocol.
+        status = user.run("status", "--json")
+        assert status.returncode == 0, status.stderr
+        sessions = [e["session"] for e in json.loads(status.stdout)["recent_errors"]]
+        assert os.fsdecode(poison) in sessions
+        synced = user.run("sync", os.fsdecode(poison), errors="surrogateescape")
+        assert "Traceback" not in synced.stderr, synced.stderr
+        assert synced.returncode in (0, 1), synced.stderr
         code, output = user.stop(daemon)
         assert code == 0
         assert "Traceback" not in output

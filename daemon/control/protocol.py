@@ -54,7 +54,11 @@ def read_line(stream: IO[bytes]) -> bytes | None:
 
 
 def _frame(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    # A folder name that is not UTF-8 reaches us surrogate-escaped ("caf\udce9"); UTF-8 cannot
+    # hold a lone surrogate, and JSON writes it as the escape \udce9, which backslashreplace
+    # produces: the line stays valid UTF-8 and valid JSON, and the name survives the round trip.
+    return text.encode("utf-8", "backslashreplace") + b"\n"
 
 
 def encode_request(payload: Mapping[str, Any]) -> bytes:
