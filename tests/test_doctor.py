@@ -29,7 +29,10 @@ from sessionsync.daemon.doctor import (
     suggested_limit,
 )
 from sessionsync.daemon.inotify_faults import INOTIFY_SYSCTL_ENV
-from tests.conftest import fixture_doc, postgres_schema, wait_for, write_state
+from tests.conftest import require_postgres
+from tests.support.databases import postgres_schema
+from tests.support.sessions import fixture_doc, write_state
+from tests.support.waiting import wait_for
 from tests.test_front_door import SESSIONSYNC, NewUser
 
 CHECKS = [
@@ -325,7 +328,8 @@ def test_postgres_reachable_old_unknown_and_unreachable(user: NewUser) -> None:
 
     from sessionsync.daemon.migrate import alembic_config
 
-    with postgres_schema() as url:
+    with postgres_schema(require_postgres()) as schema:
+        url = schema.url
         env = {"SESSIONSYNC_DATABASE__URL": url}
         assert user.run("db", "upgrade", env=env).returncode == 0
         doctor = Doctor(user, env=env)
