@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 
 from sessionsync.daemon.batch import BatchResult, inspect_batch, load_known, sync_batch
 from sessionsync.daemon.discovery import ProjectPath
+from sessionsync.daemon.inspection import Known
 from sessionsync.daemon.store import ProjectRef, Store
-from sessionsync.daemon.sync import Known
 from sessionsync.daemon.writer import Submitted, open_writer
 from sessionsync.models.keys import SessionKey
 
