@@ -25,6 +25,7 @@ from typing import Any
 
 from loguru import logger
 
+from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
 from sessionsync.daemon.db import make_engine
@@ -290,7 +291,7 @@ class Service:
 
     def _wait_for_database(self) -> bool:
         """Migrate (or just connect); while the database is unreachable, wait with backoff."""
-        delay = RETRY_BACKOFF_S[0]
+        backoff = Backoff(*RETRY_BACKOFF_S)
         while not self._stop.is_set():
             try:
                 if self.cfg.database.auto_migrate:
@@ -305,8 +306,7 @@ class Service:
                     raise
                 self.health.failed(exc, 0)
                 self.notifier.status(f"waiting for the database: {self.health.last_error}")
-                self._stop.wait(delay)
-                delay = min(RETRY_BACKOFF_S[1], delay * 2)
+                self._stop.wait(backoff.next())
         return False
 
     def _take_lock(self) -> None:
@@ -409,7 +409,7 @@ class Service:
         self.request_resync(project, reason)
 
     def _reconcile_loop(self) -> None:
-        delay = RETRY_BACKOFF_S[0]
+        backoff = Backoff(*RETRY_BACKOFF_S)
         while not self._stop.is_set():
             with self._resync_cond:
                 self._resync_cond.wait_for(
@@ -420,7 +420,7 @@ class Service:
                 request = self._resyncs.pop(0)
             try:
                 request.summary = self._run_reconcile(request)
-                delay = RETRY_BACKOFF_S[0]
+                backoff.reset()
             except Exception as exc:
                 self.counters["reconcile_failures"] += 1
                 request.error = mask_secrets(str(getattr(exc, "orig", None) or exc))
@@ -429,8 +429,7 @@ class Service:
                 else:
                     self.health.failed(exc, self.queue.pending())
                 # Owed until it succeeds: try again after a pause, merged with anything newer.
-                self._stop.wait(delay)
-                delay = min(RETRY_BACKOFF_S[1], delay * 2)
+                self._stop.wait(backoff.next())
                 self.request_resync(request.projects, request.reason, request.forget)
             finally:
                 request.done.set()
