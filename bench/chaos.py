@@ -47,7 +47,7 @@ from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from sessionsync.daemon.errors import SessionSyncError  # noqa: E402
-from sessionsync.daemon.service import FALLBACK_SCAN_ENV  # noqa: E402
+from sessionsync.daemon.testing_hooks import FALLBACK_SCAN_ENV  # noqa: E402
 from sessionsync.models.tables import projects as projects_table  # noqa: E402
 from tests.daemon_harness import (  # noqa: E402
     Daemon,

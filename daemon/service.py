@@ -10,8 +10,6 @@ Signal handlers only set flags; the main thread does the work.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import signal
 import threading
@@ -31,17 +29,20 @@ from sessionsync.daemon.config import Config, load_config
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
-from sessionsync.daemon.discovery import ProjectPath, discover
-from sessionsync.daemon.errors import AlreadyRunning, ConfigError, SessionSyncError
+from sessionsync.daemon.discovery import discover
+from sessionsync.daemon.errors import ConfigError, SessionSyncError
 from sessionsync.daemon.hub import EventHub
+from sessionsync.daemon.instance_lock import InstanceLock
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
-from sessionsync.daemon.store import ProjectRef, Store, is_transient
+from sessionsync.daemon.store import Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
+from sessionsync.daemon.testing_hooks import Hooks
 from sessionsync.daemon.version import version
-from sessionsync.daemon.watcher import RESYNC_FALLBACK, InotifyFaults, SessionWatcher
+from sessionsync.daemon.watcher import RESYNC_FALLBACK, SessionWatcher
 from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
@@ -50,32 +51,6 @@ DRAIN_TIMEOUT_S = 30.0
 RETRY_BACKOFF_S = (1.0, 30.0)
 # How each event kind changes the number of live sessions shown by `status`.
 _LIVE_DELTA = {"session.created": 1, "session.restored": 1, "session.deleted": -1}
-# Test seam: a worker that meets this slug blocks, so a test can see WATCHDOG=1 stop.
-WEDGE_ENV = "SESSIONSYNC_TEST_WEDGE_SLUG"
-# Test seam: how often a project that cannot be watched (inotify watch limit) is rescanned, 30 s
-# by default (the watcher's); a chaos run that exhausts the watches needs it within its deadline.
-FALLBACK_SCAN_ENV = "SESSIONSYNC_TEST_FALLBACK_SCAN_S"
-
-
-class Registry:
-    """The projects being mirrored, by absolute path; replaced whole on discovery."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._refs: dict[str, ProjectRef] = {}
-
-    def refs(self) -> dict[str, ProjectRef]:
-        with self._lock:
-            return dict(self._refs)
-
-    def add(self, refs: Mapping[str, ProjectRef]) -> None:
-        with self._lock:
-            self._refs.update(refs)
-
-    def remove(self, paths: Sequence[str]) -> None:
-        with self._lock:
-            for path in paths:
-                self._refs.pop(path, None)
 
 
 @dataclass
@@ -111,8 +86,7 @@ class Service:
         self.hub = EventHub()
         self.queue = WorkQueue()
         self.health = DatabaseHealth()
-        self.registry = Registry()
-        self.explicit: set[str] = set()
+        self.registry = ProjectRegistry()
         self.counters: dict[str, int] = {
             "resyncs": 0,
             "reconciles": 0,
@@ -132,8 +106,7 @@ class Service:
         self._sigints = 0
         self._resyncs: list[ResyncRequest] = []
         self._resync_cond = threading.Condition()
-        self._lock_fd: int | None = None
-        self._wedge = self._env.get(WEDGE_ENV, "")
+        self._hooks = Hooks.from_env(self._env)
         self.workers = Workers(
             self.queue,
             self._process,
@@ -150,12 +123,13 @@ class Service:
         self.watcher = SessionWatcher(
             on_key=self.debounce.touch,
             on_resync=self._resync_soon,
-            fallback_scan_s=float(self._env.get(FALLBACK_SCAN_ENV) or 30.0),
-            faults=InotifyFaults.from_env(self._env),  # test seam: stand-ins for inotify limits
+            fallback_scan_s=self._hooks.fallback_scan_s,
+            faults=self._hooks.inotify_faults,
         )
         self.schedule = Schedule(nightly=self._nightly, discover=self.rediscover)
         self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
         self.socket_path = cfg.socket_path(self._env)
+        self._instance_lock = InstanceLock(self.socket_path.parent, mask_secrets(cfg.database_url(self._env)))
         self.control: Any = None
         self.pinger: WatchdogPinger | None = None
 
@@ -167,7 +141,7 @@ class Service:
         try:
             if not self._wait_for_database():
                 return 0
-            self._take_lock()
+            self._instance_lock.acquire()
             self._start_control()
             self._refresh_projects(initial=True)
             self.workers.start()
@@ -184,7 +158,7 @@ class Service:
                 "sessionsync started: version {}, {} project(s), {} session(s), database {}, config {}, "
                 "roots {}, in {:.2f} s",
                 version(),
-                len(self.registry.refs()),
+                len(self.registry),
                 self.live_sessions,
                 self.database_label,
                 self.config_label,
@@ -237,7 +211,7 @@ class Service:
         if self.control is not None:
             self.control.stop()
         self.engine.dispose()
-        self._release_lock()
+        self._instance_lock.release()
         logger.remove(self._error_sink)
         if not drained and left:
             logger.warning(
@@ -287,7 +261,7 @@ class Service:
         self._stop.set()
         self._wake.set()
 
-    # -- database and lock --------------------------------------------------------------------
+    # -- database and control socket ----------------------------------------------------------
 
     def _wait_for_database(self) -> bool:
         """Migrate (or just connect); while the database is unreachable, wait with backoff."""
@@ -309,31 +283,6 @@ class Service:
                 self._stop.wait(backoff.next())
         return False
 
-    def _take_lock(self) -> None:
-        """One daemon per database on this machine: a lock file named after the database."""
-        identity = mask_secrets(self.cfg.database_url(self._env)).encode()
-        folder = self.socket_path.parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = folder / f"daemon-{hashlib.sha256(identity).hexdigest()[:12]}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another sessionsync daemon (pid {holder}) is already running on this database",
-                f"stop it first (lock file {path})",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
     def _start_control(self) -> None:
         from sessionsync.daemon.control.handlers import build_handlers
         from sessionsync.daemon.control.server import ControlServer
@@ -343,15 +292,10 @@ class Service:
 
     # -- projects ---------------------------------------------------------------------------
 
-    def _discovered(self) -> list[ProjectPath]:
-        w = self.cfg.watch
-        found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
-        self.explicit = {p.path for p in found if p.path in {os.path.realpath(x) for x in w.projects}}
-        return found
-
     def _refresh_projects(self, initial: bool = False) -> None:
         """Discover; register and watch new projects, unwatch and tombstone vanished ones."""
-        found = self._discovered()
+        w = self.cfg.watch
+        found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
         if initial:
             # A project an earlier run mirrored that is no longer found (removed, or its sessions
             # folder gone, while the daemon was down) still has live rows: it joins the registry
@@ -490,9 +434,7 @@ class Service:
     # -- work ---------------------------------------------------------------------------------
 
     def _process(self, keys: Sequence[SessionKey]) -> BatchResult:
-        if self._wedge and any(k.slug == self._wedge for k in keys):
-            logger.warning("test hook: wedging a worker on {}", self._wedge)
-            threading.Event().wait()
+        self._hooks.wedge_if_named(keys)
         return sync_batch(self.store, self.registry.refs(), keys, self.cfg.watch.max_state_bytes)
 
     def _published_batch(self, result: BatchResult) -> None:
@@ -587,7 +529,7 @@ class Service:
         db = "ok" if self.health.ok else "DOWN"
         paused = ", PAUSED" if self.queue.paused else ""
         return (
-            f"{len(self.registry.refs())} project(s), {self.live_sessions} session(s), "
+            f"{len(self.registry)} project(s), {self.live_sessions} session(s), "
             f"{self.queue.pending() + len(self.debouncer)} pending, database {db}{paused}"
         )
 
