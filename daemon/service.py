@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -37,6 +36,7 @@ from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
+from sessionsync.daemon.reconcile_queue import ReconcileJob, ReconcileQueue, Reconciler
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
 from sessionsync.daemon.store import Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
@@ -51,25 +51,6 @@ DRAIN_TIMEOUT_S = 30.0
 RETRY_BACKOFF_S = (1.0, 30.0)
 # How each event kind changes the number of live sessions shown by `status`.
 _LIVE_DELTA = {"session.created": 1, "session.restored": 1, "session.deleted": -1}
-
-
-@dataclass
-class ResyncRequest:
-    """A queued reconcile: some projects (None: all), why, and a completion for waiters."""
-
-    projects: set[str] | None
-    reason: str
-    forget: set[str] = field(default_factory=set)  # vanished projects, dropped once tombstoned
-    done: threading.Event = field(default_factory=threading.Event)
-    summary: ReconcileSummary | None = None
-    error: str = ""
-
-    def merge(self, projects: set[str] | None, forget: set[str]) -> None:
-        self.forget |= forget
-        if self.projects is None or projects is None:
-            self.projects = None
-        else:
-            self.projects |= projects
 
 
 class Service:
@@ -87,13 +68,7 @@ class Service:
         self.queue = WorkQueue()
         self.health = DatabaseHealth()
         self.registry = ProjectRegistry()
-        self.counters: dict[str, int] = {
-            "resyncs": 0,
-            "reconciles": 0,
-            "reconcile_failures": 0,
-            "events_published": 0,
-            "discoveries": 0,
-        }
+        self._counts = dict.fromkeys(("resyncs", "reconciles", "events_published", "discoveries"), 0)
         self.recent_errors: deque[dict[str, str | None]] = deque(maxlen=20)
         self._errors_lock = threading.Lock()
         self._error_sink = logger.add(self._remember, level="WARNING", format="{message}")
@@ -104,8 +79,8 @@ class Service:
         self._wake = threading.Event()
         self._reload = threading.Event()
         self._sigints = 0
-        self._resyncs: list[ResyncRequest] = []
-        self._resync_cond = threading.Condition()
+        # Reconciles wait while writes are paused, like the work queue's keys.
+        self._reconciles = ReconcileQueue(held=lambda: self.queue.paused)
         self._hooks = Hooks.from_env(self._env)
         self.workers = Workers(
             self.queue,
@@ -127,7 +102,12 @@ class Service:
             faults=self._hooks.inotify_faults,
         )
         self.schedule = Schedule(nightly=self._nightly, discover=self.rediscover)
-        self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
+        self._reconciler = Reconciler(
+            self._reconciles,
+            self._run_reconcile,
+            on_outage=lambda exc: self.health.failed(exc, self.queue.pending()),
+            stop=self._stop,
+        )
         self.socket_path = cfg.socket_path(self._env)
         self._instance_lock = InstanceLock(self.socket_path.parent, mask_secrets(cfg.database_url(self._env)))
         self.control: Any = None
@@ -203,8 +183,7 @@ class Service:
         self.schedule.stop()
         self.watcher.stop()
         self.debounce.stop(flush=True)
-        with self._resync_cond:
-            self._resync_cond.notify_all()
+        self._reconciles.wake()
         drained = self.queue.join(DRAIN_TIMEOUT_S) if not self.queue.paused else False
         left = self.queue.pending() + self.queue.busy()
         self.workers.stop(timeout=5.0)
@@ -320,7 +299,7 @@ class Service:
                 logger.info("project {} is gone: unwatching and tombstoning its sessions", path)
             # Reconciling a project whose folder vanished tombstones every session it had.
             self.request_resync(set(gone), "project vanished", forget=set(gone))
-        self.counters["discoveries"] += 1
+        self._counts["discoveries"] += 1
 
     def rediscover(self) -> None:
         """Discovery now (schedule, SIGHUP, `resync --all`); a database outage only postpones it."""
@@ -335,54 +314,16 @@ class Service:
 
     def request_resync(
         self, projects: set[str] | str | None, reason: str, forget: set[str] | None = None
-    ) -> ResyncRequest:
+    ) -> ReconcileJob:
         """Queue a reconcile of these projects (None: all); merged with one not yet started."""
-        wanted = {projects} if isinstance(projects, str) else projects
-        with self._resync_cond:
-            for queued in self._resyncs:
-                queued.merge(wanted, forget or set())
-                if reason not in queued.reason:
-                    queued.reason = f"{queued.reason}, {reason}"
-                return queued
-            request = ResyncRequest(None if wanted is None else set(wanted), reason, set(forget or ()))
-            self._resyncs.append(request)
-            self._resync_cond.notify_all()
-            return request
+        return self._reconciles.request(projects, reason, forget or ())
 
     def _resync_soon(self, project: str, reason: str) -> None:
         self.request_resync(project, reason)
 
-    def _reconcile_loop(self) -> None:
-        backoff = Backoff(*RETRY_BACKOFF_S)
-        while not self._stop.is_set():
-            with self._resync_cond:
-                self._resync_cond.wait_for(
-                    lambda: self._stop.is_set() or (self._resyncs and not self.queue.paused), timeout=5.0
-                )
-                if self._stop.is_set() or not self._resyncs or self.queue.paused:
-                    continue
-                request = self._resyncs.pop(0)
-            try:
-                request.summary = self._run_reconcile(request)
-                backoff.reset()
-            except Exception as exc:
-                self.counters["reconcile_failures"] += 1
-                request.error = mask_secrets(str(getattr(exc, "orig", None) or exc))
-                if not is_transient(exc):
-                    logger.opt(exception=exc).error("reconcile ({}) failed", request.reason)
-                else:
-                    self.health.failed(exc, self.queue.pending())
-                # Owed until it succeeds: try again after a pause, merged with anything newer.
-                self._stop.wait(backoff.next())
-                self.request_resync(request.projects, request.reason, request.forget)
-            finally:
-                request.done.set()
-
-    def _run_reconcile(self, request: ResyncRequest) -> ReconcileSummary:
+    def _run_reconcile(self, job: ReconcileJob) -> ReconcileSummary:
         refs = self.registry.refs()
-        chosen = [
-            r for path, r in sorted(refs.items()) if request.projects is None or path in request.projects
-        ]
+        chosen = [r for path, r in sorted(refs.items()) if job.projects is None or path in job.projects]
         summary = reconcile(
             self.store,
             chosen,
@@ -392,18 +333,18 @@ class Service:
             on_batch=self._published_batch,
         )
         self.health.succeeded()
-        self.registry.remove(sorted(request.forget))
-        self.counters["reconciles" if request.projects is None else "resyncs"] += 1
+        self.registry.remove(sorted(job.forget))
+        self._counts["reconciles" if job.projects is None else "resyncs"] += 1
         now = datetime.now(UTC)
         # A project without an inotify watch is scanned every half minute: only a scan that
         # found something is worth a line at INFO.
-        routine = request.reason == RESYNC_FALLBACK and not summary.as_dict()["changed"]
-        logger.log("DEBUG" if routine else "INFO", "{} ({})", summary.line(), request.reason)
+        routine = job.reason == RESYNC_FALLBACK and not summary.as_dict()["changed"]
+        logger.log("DEBUG" if routine else "INFO", "{} ({})", summary.line(), job.reason)
         events: list[dict[str, Any]] = [
-            {"kind": PROJECT_RESYNCED, "project": r.path, "at": now.isoformat(), "reason": request.reason}
+            {"kind": PROJECT_RESYNCED, "project": r.path, "at": now.isoformat(), "reason": job.reason}
             for r in chosen
         ]
-        if request.projects is None:
+        if job.projects is None:
             self.last_reconcile_at = now
             events.append({"kind": RECONCILE_FINISHED, "at": now.isoformat(), **summary.as_dict()})
             # Every full reconcile purges, as the design has it (start-up, nightly, on request): a
@@ -424,8 +365,8 @@ class Service:
         if not (s.reconcile_on_start or overdue):
             self._count_sessions()
             return
-        request = self.request_resync(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
-        while not request.done.wait(5.0) and not self._stop.is_set():
+        job = self.request_resync(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
+        while not job.done.wait(5.0) and not self._stop.is_set():
             self.notifier.extend_timeout(30.0)  # a long first reconcile must not time the start out
 
     def _nightly(self) -> None:
@@ -445,7 +386,7 @@ class Service:
         log_changes(events)
         self._forget_fixed(events)
         self.hub.publish_many(events)
-        self.counters["events_published"] += len(events)
+        self._counts["events_published"] += len(events)
         # Between reconciles (which recount exactly), the status count follows the events.
         delta = sum(_LIVE_DELTA.get(e["kind"], 0) for e in events)
         if delta:
@@ -480,8 +421,18 @@ class Service:
         return str(self.cfg.source) if self.cfg.source else "built-in defaults"
 
     def wake_reconciler(self) -> None:
-        with self._resync_cond:
-            self._resync_cond.notify_all()
+        self._reconciles.wake()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        c = self._counts
+        return {
+            "resyncs": c["resyncs"],
+            "reconciles": c["reconciles"],
+            "reconcile_failures": self._reconciler.failures,
+            "events_published": c["events_published"],
+            "discoveries": c["discoveries"],
+        }
 
     def _remember(self, message: Any) -> None:
         record = message.record

@@ -17,7 +17,7 @@ from sessionsync.models.control import ReconcileRequest, ResyncRequest, SyncRequ
 from sessionsync.models.keys import SessionKey
 
 if TYPE_CHECKING:
-    from sessionsync.daemon.service import ResyncRequest as Queued
+    from sessionsync.daemon.reconcile_queue import ReconcileJob
     from sessionsync.daemon.service import Service
 
 WAIT_LIMIT_S = 600.0
@@ -121,7 +121,7 @@ def build_handlers(service: Service) -> dict[str, Callable[[Any], dict[str, Any]
     }
 
 
-def _answer(service: Service, request: Queued, wait: bool) -> dict[str, Any]:
+def _answer(service: Service, request: ReconcileJob, wait: bool) -> dict[str, Any]:
     if not wait:
         return {"queued": True}
     if service.queue.paused:
