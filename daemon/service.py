@@ -5,7 +5,8 @@ debouncer, watcher, then the startup reconcile (the watcher is already collectin
 written during the reconcile is missed), READY=1, the schedule and the watchdog pings.
 Stop (SIGTERM/SIGINT): stop the schedule and the watcher, flush pending keys, drain the queue
 within a time limit, stop the control socket, close the database, one summary line.
-Signal handlers only set flags; the main thread does the work.
+Signal handlers only set flags; the main thread does the work. The control socket's handlers
+see only the facade at the end of Service (status, pause, resume, resync, reconcile, sync, errors).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
 from sessionsync.daemon.discovery import discover
-from sessionsync.daemon.errors import ConfigError, SessionSyncError
+from sessionsync.daemon.errors import ConfigError, ControlError, SessionSyncError
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.instance_lock import InstanceLock
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
@@ -49,12 +50,15 @@ from sessionsync.models.keys import SessionKey
 
 DRAIN_TIMEOUT_S = 30.0
 RETRY_BACKOFF_S = (1.0, 30.0)
+WAIT_LIMIT_S = 600.0  # the longest a control request waits for its reconcile
+ERRORS_LIMIT = 100  # invalid sessions listed by `errors`; a reply line holds at most 64 KiB
 # How each event kind changes the number of live sessions shown by `status`.
 _LIVE_DELTA = {"session.created": 1, "session.restored": 1, "session.deleted": -1}
 
 
 class Service:
-    """The running daemon. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
+    """The running daemon. `run()` blocks until SIGTERM/SIGINT and returns the exit code; the
+    control commands are its other public methods."""
 
     def __init__(self, cfg: Config, config_arg: str | None, env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
@@ -140,8 +144,8 @@ class Service:
                 version(),
                 len(self.registry),
                 self.live_sessions,
-                self.database_label,
-                self.config_label,
+                self._database_label,
+                str(self.cfg.source) if self.cfg.source else "built-in defaults",
                 ", ".join(self.cfg.watch.roots) or "none",
                 time.monotonic() - started,
             )
@@ -292,13 +296,13 @@ class Service:
                 for ref in refs.values():
                     self.watcher.watch(ref.path, ref.sessions_dir)
                     logger.info("new project {}: watching and reconciling", ref.path)
-                self.request_resync(set(refs), "new project")
+                self._request_reconcile(set(refs), "new project")
         if gone:
             for path in gone:
                 self.watcher.unwatch(path)
                 logger.info("project {} is gone: unwatching and tombstoning its sessions", path)
             # Reconciling a project whose folder vanished tombstones every session it had.
-            self.request_resync(set(gone), "project vanished", forget=set(gone))
+            self._request_reconcile(set(gone), "project vanished", forget=set(gone))
         self._counts["discoveries"] += 1
 
     def rediscover(self) -> None:
@@ -312,14 +316,14 @@ class Service:
 
     # -- reconcile ----------------------------------------------------------------------------
 
-    def request_resync(
+    def _request_reconcile(
         self, projects: set[str] | str | None, reason: str, forget: set[str] | None = None
     ) -> ReconcileJob:
         """Queue a reconcile of these projects (None: all); merged with one not yet started."""
         return self._reconciles.request(projects, reason, forget or ())
 
     def _resync_soon(self, project: str, reason: str) -> None:
-        self.request_resync(project, reason)
+        self._request_reconcile(project, reason)
 
     def _run_reconcile(self, job: ReconcileJob) -> ReconcileSummary:
         refs = self.registry.refs()
@@ -365,12 +369,12 @@ class Service:
         if not (s.reconcile_on_start or overdue):
             self._count_sessions()
             return
-        job = self.request_resync(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
+        job = self._request_reconcile(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
         while not job.done.wait(5.0) and not self._stop.is_set():
             self.notifier.extend_timeout(30.0)  # a long first reconcile must not time the start out
 
     def _nightly(self) -> None:
-        self.request_resync(None, "nightly")
+        self._request_reconcile(None, "nightly")
 
     # -- work ---------------------------------------------------------------------------------
 
@@ -393,7 +397,7 @@ class Service:
             with self._live_lock:
                 self.live_sessions += delta
 
-    def sync_now(self, key: SessionKey) -> BatchResult:
+    def _sync_now(self, key: SessionKey) -> BatchResult:
         """Sync one session immediately (the control `sync` command), as its only writer."""
         with self.queue.claim([key]):
             result = sync_batch(self.store, self.registry.refs(), [key], self.cfg.watch.max_state_bytes)
@@ -409,22 +413,11 @@ class Service:
 
     # -- health and status --------------------------------------------------------------------
 
-    def uptime(self) -> float:
-        return time.time() - self.started_at
-
     @property
-    def database_label(self) -> str:
+    def _database_label(self) -> str:
         return mask_url(self.cfg.database_url(self._env))
 
-    @property
-    def config_label(self) -> str:
-        return str(self.cfg.source) if self.cfg.source else "built-in defaults"
-
-    def wake_reconciler(self) -> None:
-        self._reconciles.wake()
-
-    @property
-    def counters(self) -> dict[str, int]:
+    def _counters(self) -> dict[str, int]:
         c = self._counts
         return {
             "resyncs": c["resyncs"],
@@ -448,7 +441,7 @@ class Service:
                 }
             )
 
-    def current_errors(self) -> list[dict[str, str | None]]:
+    def _current_errors(self) -> list[dict[str, str | None]]:
         """Recent warnings and errors that still apply, oldest first."""
         with self._errors_lock:
             return list(self.recent_errors)
@@ -483,6 +476,132 @@ class Service:
             f"{len(self.registry)} project(s), {self.live_sessions} session(s), "
             f"{self.queue.pending() + len(self.debouncer)} pending, database {db}{paused}"
         )
+
+    # -- the control commands: all that daemon/control/handlers.py calls ---------------------
+
+    def status(self) -> dict[str, Any]:
+        """The status reply: the contract's keys plus watch, database and error details."""
+        watch = self.watcher.projects()
+        health = self.health
+        nightly = self.schedule.next_nightly()
+        return {
+            "version": version(),
+            "pid": os.getpid(),
+            "config": str(self.cfg.source) if self.cfg.source else None,
+            "uptime_s": round(time.time() - self.started_at),
+            "next_reconcile_at": nightly.isoformat() if nightly else None,
+            "projects": len(self.registry),
+            "sessions": self.live_sessions,
+            "pending": self.queue.pending() + len(self.debouncer),
+            "in_flight": self.queue.busy(),
+            "database_ok": health.ok,
+            "database": {
+                "url": self._database_label,
+                "ok": health.ok,
+                "outages": health.outages,
+                "last_error": health.last_error or None,
+            },
+            "paused": self.queue.paused,
+            "last_reconcile_at": self.last_reconcile_at.isoformat() if self.last_reconcile_at else None,
+            "watch": [{"project": path, "state": state} for path, state in sorted(watch.items())],
+            "counters": {
+                **self._counters(),
+                **self.watcher.counters(),
+                "batches": self.workers.batches,
+                "rows_written": self.workers.written,
+                "batch_failures": self.workers.failures,
+                "floods": self.debouncer.floods,
+                "database_outages": health.outages,
+                "subscribers": self.hub.subscriber_count(),
+            },
+            "recent_errors": self._current_errors(),
+        }
+
+    def pause(self) -> dict[str, Any]:
+        """Hold database writes; changes seen meanwhile stay queued."""
+        self.queue.pause()
+        return {"paused": True, "pending": self.queue.pending()}
+
+    def resume(self) -> dict[str, Any]:
+        self.queue.resume()
+        self._reconciles.wake()  # a reconcile asked for while paused may start now
+        return {"paused": False, "pending": self.queue.pending()}
+
+    def resync(self, projects: Sequence[str] | None, *, wait: bool) -> dict[str, Any]:
+        """Rescan these project folders, or (None) rediscover projects and rescan every one."""
+        if projects is None:
+            self.rediscover()
+            return self._answer(self._request_reconcile(None, "resync --all"), wait)
+        unknown = self.registry.unknown(projects)
+        if unknown:
+            raise ControlError("not_found", f"no project at {', '.join(unknown)}")
+        wanted = {os.path.realpath(p) for p in projects}
+        return self._answer(self._request_reconcile(wanted, "resync requested"), wait)
+
+    def reconcile(self, *, wait: bool) -> dict[str, Any]:
+        return self._answer(self._request_reconcile(None, "reconcile requested"), wait)
+
+    def sync(self, folder: str) -> dict[str, Any]:
+        """Sync one session folder now; written (or found unchanged) before the reply."""
+        found = self.registry.session_at(folder)
+        if found is None:
+            raise ControlError("not_found", f"{folder} is not a session folder of any known project")
+        key, path = found
+        if not os.path.lexists(os.path.normpath(folder)):
+            # A hook naming a folder that is not there has the wrong path. Should the session
+            # just have been removed, its row is tombstoned the ordinary way.
+            self.queue.submit([key])
+            raise ControlError("not_found", f"no session folder at {folder}")
+        if self.queue.paused:
+            self.queue.submit([key])
+            raise ControlError("unavailable", "writes are paused; the session will sync on resume")
+        try:
+            result = self._sync_now(key)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self.queue.submit([key])
+            raise ControlError("unavailable", "database unavailable; the session stays queued") from None
+        return {
+            "project": key.project,
+            "slug": key.slug,
+            "path": path,
+            "written": result.written + result.tombstoned,
+            "invalid": result.invalid,
+            "unchanged": result.unchanged + result.touched,
+        }
+
+    def errors(self) -> dict[str, Any]:
+        """Sessions whose state.json is invalid, and why: the first ERRORS_LIMIT, and how many more."""
+        try:
+            rows = self.store.invalid_sessions()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise ControlError("unavailable", "database unavailable") from None
+        return {
+            "errors": [
+                {
+                    **row,
+                    "sync_error": (row["sync_error"] or "")[:300],
+                    "sync_error_at": row["sync_error_at"].isoformat() if row["sync_error_at"] else None,
+                }
+                for row in rows[:ERRORS_LIMIT]
+            ],
+            "more": max(0, len(rows) - ERRORS_LIMIT),
+        }
+
+    def _answer(self, job: ReconcileJob, wait: bool) -> dict[str, Any]:
+        """The reply to a resync or reconcile: queued, or once `wait`ed for, its summary."""
+        if not wait:
+            return {"queued": True}
+        if self.queue.paused:
+            raise ControlError("unavailable", "writes are paused; run `sessionsync resume` first")
+        if not job.done.wait(WAIT_LIMIT_S):
+            raise ControlError("unavailable", f"the reconcile did not finish within {WAIT_LIMIT_S:.0f} s")
+        if job.summary is None:
+            raise ControlError("unavailable", f"the reconcile failed: {job.error}; it will be retried")
+        return dict(job.summary.as_dict())
 
     # -- reload -------------------------------------------------------------------------------
 
