@@ -15,7 +15,6 @@ import os
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import FrameType
@@ -36,6 +35,7 @@ from sessionsync.daemon.instance_lock import InstanceLock
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.project_registry import ProjectRegistry
+from sessionsync.daemon.recent_errors import RecentErrors
 from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
 from sessionsync.daemon.reconcile_queue import ReconcileJob, ReconcileQueue, Reconciler
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
@@ -73,9 +73,8 @@ class Service:
         self.health = DatabaseHealth()
         self.registry = ProjectRegistry()
         self._counts = dict.fromkeys(("resyncs", "reconciles", "events_published", "discoveries"), 0)
-        self.recent_errors: deque[dict[str, str | None]] = deque(maxlen=20)
-        self._errors_lock = threading.Lock()
-        self._error_sink = logger.add(self._remember, level="WARNING", format="{message}")
+        self._recent_errors = RecentErrors()
+        self._recent_errors.attach()
         self.last_reconcile_at: datetime | None = None
         self.live_sessions = 0
         self._live_lock = threading.Lock()
@@ -195,7 +194,7 @@ class Service:
             self.control.stop()
         self.engine.dispose()
         self._instance_lock.release()
-        logger.remove(self._error_sink)
+        self._recent_errors.detach()
         if not drained and left:
             logger.warning(
                 "stopped with {} session(s) not written (database down or paused); "
@@ -388,7 +387,7 @@ class Service:
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
         log_changes(events)
-        self._forget_fixed(events)
+        self._recent_errors.forget_fixed(events)
         self.hub.publish_many(events)
         self._counts["events_published"] += len(events)
         # Between reconciles (which recount exactly), the status count follows the events.
@@ -426,36 +425,6 @@ class Service:
             "events_published": c["events_published"],
             "discoveries": c["discoveries"],
         }
-
-    def _remember(self, message: Any) -> None:
-        record = message.record
-        extra = record["extra"]
-        with self._errors_lock:
-            self.recent_errors.append(
-                {
-                    "at": record["time"].isoformat(),
-                    "level": record["level"].name,
-                    "session": extra.get("session"),
-                    "project": extra.get("project"),
-                    "message": record["message"],
-                }
-            )
-
-    def _current_errors(self) -> list[dict[str, str | None]]:
-        """Recent warnings and errors that still apply, oldest first."""
-        with self._errors_lock:
-            return list(self.recent_errors)
-
-    def _forget_fixed(self, events: Sequence[Mapping[str, Any]]) -> None:
-        """A session written clean again (or gone) drops out of the recent errors, so `status`
-        shows what is still wrong; a write that is invalid or has field problems keeps its entry."""
-        bad = {e["path"] for e in events if e["kind"] == "session.invalid" or e.get("fields")}
-        fixed = {e["path"] for e in events if "path" in e} - bad
-        if fixed:
-            with self._errors_lock:
-                kept = [e for e in self.recent_errors if e.get("session") not in fixed]
-                self.recent_errors.clear()
-                self.recent_errors.extend(kept)
 
     def healthy(self, stall_after_s: float) -> bool:
         """Alive and making progress: what WATCHDOG=1 vouches for. An idle worker is healthy; one
@@ -514,7 +483,7 @@ class Service:
                 "database_outages": health.outages,
                 "subscribers": self.hub.subscriber_count(),
             },
-            "recent_errors": self._current_errors(),
+            "recent_errors": self._recent_errors.entries(),
         }
 
     def pause(self) -> dict[str, Any]:
