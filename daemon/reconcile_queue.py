@@ -19,6 +19,7 @@ from sessionsync.daemon.logs import mask_secrets
 from sessionsync.daemon.reconcile import ReconcileSummary
 from sessionsync.daemon.store import is_transient
 
+# A failed reconcile is retried after 1 s, doubling up to 30 s while it keeps failing.
 RETRY_BACKOFF_S = (1.0, 30.0)
 # How long the reconciler sleeps without a wake-up before it looks at its queue again.
 IDLE_CHECK_S = 5.0

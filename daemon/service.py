@@ -49,7 +49,8 @@ from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
 
 DRAIN_TIMEOUT_S = 30.0
-RETRY_BACKOFF_S = (1.0, 30.0)
+# Waiting at start-up for a database that cannot be reached: 1 s, doubling up to 30 s.
+DATABASE_WAIT_BACKOFF_S = (1.0, 30.0)
 WAIT_LIMIT_S = 600.0  # the longest a control request waits for its reconcile
 ERRORS_LIMIT = 100  # invalid sessions listed by `errors`; a reply line holds at most 64 KiB
 # How each event kind changes the number of live sessions shown by `status`.
@@ -247,7 +248,7 @@ class Service:
 
     def _wait_for_database(self) -> bool:
         """Migrate (or just connect); while the database is unreachable, wait with backoff."""
-        backoff = Backoff(*RETRY_BACKOFF_S)
+        backoff = Backoff(*DATABASE_WAIT_BACKOFF_S)
         while not self._stop.is_set():
             try:
                 if self.cfg.database.auto_migrate:
