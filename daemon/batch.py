@@ -15,9 +15,9 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
+from sessionsync.daemon.inspection import Action, Change, Known, Verdict, inspect
 from sessionsync.daemon.logs import session_log
 from sessionsync.daemon.store import ProjectRef, Store, WriteResult, is_transient
-from sessionsync.daemon.sync import Action, Change, Known, Verdict, inspect
 from sessionsync.models.keys import SessionKey
 
 

@@ -21,8 +21,8 @@ from loguru import logger
 
 from sessionsync.daemon.batch import BatchResult, inspect_batch, load_known, sync_batch
 from sessionsync.daemon.discovery import ProjectPath
+from sessionsync.daemon.inspection import Known
 from sessionsync.daemon.store import ProjectRef, Store
-from sessionsync.daemon.sync import Known
 from sessionsync.daemon.writer import Submitted, open_writer
 from sessionsync.models.keys import SessionKey
 

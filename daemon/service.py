@@ -5,99 +5,61 @@ debouncer, watcher, then the startup reconcile (the watcher is already collectin
 written during the reconcile is missed), READY=1, the schedule and the watchdog pings.
 Stop (SIGTERM/SIGINT): stop the schedule and the watcher, flush pending keys, drain the queue
 within a time limit, stop the control socket, close the database, one summary line.
-Signal handlers only set flags; the main thread does the work.
+Signal handlers only set flags; the main thread does the work. The control socket's handlers
+see only the facade at the end of Service (status, pause, resume, resync, reconcile, sync, errors).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
 from loguru import logger
 
+from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
-from sessionsync.daemon.discovery import ProjectPath, discover
-from sessionsync.daemon.errors import EXIT_INTERRUPTED, EXIT_OK, AlreadyRunning, ConfigError, SessionSyncError
+from sessionsync.daemon.discovery import discover
+from sessionsync.daemon.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, ControlError, SessionSyncError
 from sessionsync.daemon.hub import EventHub
+from sessionsync.daemon.instance_lock import InstanceLock
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.project_registry import ProjectRegistry
+from sessionsync.daemon.recent_errors import RecentErrors
 from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
+from sessionsync.daemon.reconcile_queue import ReconcileJob, ReconcileQueue, Reconciler
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
-from sessionsync.daemon.store import ProjectRef, Store, is_transient
+from sessionsync.daemon.store import Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
+from sessionsync.daemon.testing_hooks import Hooks
 from sessionsync.daemon.version import version
-from sessionsync.daemon.watcher import RESYNC_FALLBACK, InotifyFaults, SessionWatcher
+from sessionsync.daemon.watcher import RESYNC_FALLBACK, SessionWatcher
 from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
 
 DRAIN_TIMEOUT_S = 30.0
-RETRY_BACKOFF_S = (1.0, 30.0)
+# Waiting at start-up for a database that cannot be reached: 1 s, doubling up to 30 s.
+DATABASE_WAIT_BACKOFF_S = (1.0, 30.0)
+WAIT_LIMIT_S = 600.0  # the longest a control request waits for its reconcile
+ERRORS_LIMIT = 100  # invalid sessions listed by `errors`; a reply line holds at most 64 KiB
 # How each event kind changes the number of live sessions shown by `status`.
 _LIVE_DELTA = {"session.created": 1, "session.restored": 1, "session.deleted": -1}
-# Test seam: a worker that meets this slug blocks, so a test can see WATCHDOG=1 stop.
-WEDGE_ENV = "SESSIONSYNC_TEST_WEDGE_SLUG"
-# Test seam: how often a project that cannot be watched (inotify watch limit) is rescanned, 30 s
-# by default (the watcher's); a chaos run that exhausts the watches needs it within its deadline.
-FALLBACK_SCAN_ENV = "SESSIONSYNC_TEST_FALLBACK_SCAN_S"
-
-
-class Registry:
-    """The projects being mirrored, by absolute path; replaced whole on discovery."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._refs: dict[str, ProjectRef] = {}
-
-    def refs(self) -> dict[str, ProjectRef]:
-        with self._lock:
-            return dict(self._refs)
-
-    def add(self, refs: Mapping[str, ProjectRef]) -> None:
-        with self._lock:
-            self._refs.update(refs)
-
-    def remove(self, paths: Sequence[str]) -> None:
-        with self._lock:
-            for path in paths:
-                self._refs.pop(path, None)
-
-
-@dataclass
-class ResyncRequest:
-    """A queued reconcile: some projects (None: all), why, and a completion for waiters."""
-
-    projects: set[str] | None
-    reason: str
-    forget: set[str] = field(default_factory=set)  # vanished projects, dropped once tombstoned
-    done: threading.Event = field(default_factory=threading.Event)
-    summary: ReconcileSummary | None = None
-    error: str = ""
-
-    def merge(self, projects: set[str] | None, forget: set[str]) -> None:
-        self.forget |= forget
-        if self.projects is None or projects is None:
-            self.projects = None
-        else:
-            self.projects |= projects
 
 
 class Service:
-    """The running daemon. `run()` blocks until SIGTERM/SIGINT and returns the exit code."""
+    """The running daemon. `run()` blocks until SIGTERM/SIGINT and returns the exit code; the
+    control commands are its other public methods."""
 
     def __init__(self, cfg: Config, config_arg: str | None, env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
@@ -110,18 +72,10 @@ class Service:
         self.hub = EventHub()
         self.queue = WorkQueue()
         self.health = DatabaseHealth()
-        self.registry = Registry()
-        self.explicit: set[str] = set()
-        self.counters: dict[str, int] = {
-            "resyncs": 0,
-            "reconciles": 0,
-            "reconcile_failures": 0,
-            "events_published": 0,
-            "discoveries": 0,
-        }
-        self.recent_errors: deque[dict[str, str | None]] = deque(maxlen=20)
-        self._errors_lock = threading.Lock()
-        self._error_sink = logger.add(self._remember, level="WARNING", format="{message}")
+        self.registry = ProjectRegistry()
+        self._counts = dict.fromkeys(("resyncs", "reconciles", "events_published", "discoveries"), 0)
+        self._recent_errors = RecentErrors()
+        self._recent_errors.attach()
         self.last_reconcile_at: datetime | None = None
         self.live_sessions = 0
         self._live_lock = threading.Lock()
@@ -129,10 +83,9 @@ class Service:
         self._wake = threading.Event()
         self._reload = threading.Event()
         self._sigints = 0
-        self._resyncs: list[ResyncRequest] = []
-        self._resync_cond = threading.Condition()
-        self._lock_fd: int | None = None
-        self._wedge = self._env.get(WEDGE_ENV, "")
+        # Reconciles wait while writes are paused, like the work queue's keys.
+        self._reconciles = ReconcileQueue(held=lambda: self.queue.paused)
+        self._hooks = Hooks.from_env(self._env)
         self.workers = Workers(
             self.queue,
             self._process,
@@ -149,12 +102,18 @@ class Service:
         self.watcher = SessionWatcher(
             on_key=self.debounce.touch,
             on_resync=self._resync_soon,
-            fallback_scan_s=float(self._env.get(FALLBACK_SCAN_ENV) or 30.0),
-            faults=InotifyFaults.from_env(self._env),  # test seam: stand-ins for inotify limits
+            fallback_scan_s=self._hooks.fallback_scan_s,
+            faults=self._hooks.inotify_faults,
         )
         self.schedule = Schedule(nightly=self._nightly, discover=self.rediscover)
-        self._reconciler = threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True)
+        self._reconciler = Reconciler(
+            self._reconciles,
+            self._run_reconcile,
+            on_outage=lambda exc: self.health.failed(exc, self.queue.pending()),
+            stop=self._stop,
+        )
         self.socket_path = cfg.socket_path(self._env)
+        self._instance_lock = InstanceLock(self.socket_path.parent, mask_secrets(cfg.database_url(self._env)))
         self.control: Any = None
         self.pinger: WatchdogPinger | None = None
 
@@ -166,7 +125,7 @@ class Service:
         try:
             if not self._wait_for_database():
                 return EXIT_OK
-            self._take_lock()
+            self._instance_lock.acquire()
             self._start_control()
             self._refresh_projects(initial=True)
             self.workers.start()
@@ -183,10 +142,10 @@ class Service:
                 "sessionsync started: version {}, {} project(s), {} session(s), database {}, config {}, "
                 "roots {}, in {:.2f} s",
                 version(),
-                len(self.registry.refs()),
+                len(self.registry),
                 self.live_sessions,
-                self.database_label,
-                self.config_label,
+                self._database_label,
+                str(self.cfg.source) if self.cfg.source else "built-in defaults",
                 ", ".join(self.cfg.watch.roots) or "none",
                 time.monotonic() - started,
             )
@@ -228,16 +187,15 @@ class Service:
         self.schedule.stop()
         self.watcher.stop()
         self.debounce.stop(flush=True)
-        with self._resync_cond:
-            self._resync_cond.notify_all()
+        self._reconciles.wake()
         drained = self.queue.join(DRAIN_TIMEOUT_S) if not self.queue.paused else False
         left = self.queue.pending() + self.queue.busy()
         self.workers.stop(timeout=5.0)
         if self.control is not None:
             self.control.stop()
         self.engine.dispose()
-        self._release_lock()
-        logger.remove(self._error_sink)
+        self._instance_lock.release()
+        self._recent_errors.detach()
         if not drained and left:
             logger.warning(
                 "stopped with {} session(s) not written (database down or paused); "
@@ -286,11 +244,11 @@ class Service:
         self._stop.set()
         self._wake.set()
 
-    # -- database and lock --------------------------------------------------------------------
+    # -- database and control socket ----------------------------------------------------------
 
     def _wait_for_database(self) -> bool:
         """Migrate (or just connect); while the database is unreachable, wait with backoff."""
-        delay = RETRY_BACKOFF_S[0]
+        backoff = Backoff(*DATABASE_WAIT_BACKOFF_S)
         while not self._stop.is_set():
             try:
                 if self.cfg.database.auto_migrate:
@@ -305,34 +263,8 @@ class Service:
                     raise
                 self.health.failed(exc, 0)
                 self.notifier.status(f"waiting for the database: {self.health.last_error}")
-                self._stop.wait(delay)
-                delay = min(RETRY_BACKOFF_S[1], delay * 2)
+                self._stop.wait(backoff.next())
         return False
-
-    def _take_lock(self) -> None:
-        """One daemon per database on this machine: a lock file named after the database."""
-        identity = mask_secrets(self.cfg.database_url(self._env)).encode()
-        folder = self.socket_path.parent
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = folder / f"daemon-{hashlib.sha256(identity).hexdigest()[:12]}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise AlreadyRunning(
-                f"another sessionsync daemon (pid {holder}) is already running on this database",
-                f"stop it first (lock file {path})",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     def _start_control(self) -> None:
         from sessionsync.daemon.control.handlers import build_handlers
@@ -343,15 +275,10 @@ class Service:
 
     # -- projects ---------------------------------------------------------------------------
 
-    def _discovered(self) -> list[ProjectPath]:
-        w = self.cfg.watch
-        found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
-        self.explicit = {p.path for p in found if p.path in {os.path.realpath(x) for x in w.projects}}
-        return found
-
     def _refresh_projects(self, initial: bool = False) -> None:
         """Discover; register and watch new projects, unwatch and tombstone vanished ones."""
-        found = self._discovered()
+        w = self.cfg.watch
+        found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
         if initial:
             # A project an earlier run mirrored that is no longer found (removed, or its sessions
             # folder gone, while the daemon was down) still has live rows: it joins the registry
@@ -369,14 +296,14 @@ class Service:
                 for ref in refs.values():
                     self.watcher.watch(ref.path, ref.sessions_dir)
                     logger.info("new project {}: watching and reconciling", ref.path)
-                self.request_resync(set(refs), "new project")
+                self._request_reconcile(set(refs), "new project")
         if gone:
             for path in gone:
                 self.watcher.unwatch(path)
                 logger.info("project {} is gone: unwatching and tombstoning its sessions", path)
             # Reconciling a project whose folder vanished tombstones every session it had.
-            self.request_resync(set(gone), "project vanished", forget=set(gone))
-        self.counters["discoveries"] += 1
+            self._request_reconcile(set(gone), "project vanished", forget=set(gone))
+        self._counts["discoveries"] += 1
 
     def rediscover(self) -> None:
         """Discovery now (schedule, SIGHUP, `resync --all`); a database outage only postpones it."""
@@ -389,57 +316,18 @@ class Service:
 
     # -- reconcile ----------------------------------------------------------------------------
 
-    def request_resync(
+    def _request_reconcile(
         self, projects: set[str] | str | None, reason: str, forget: set[str] | None = None
-    ) -> ResyncRequest:
+    ) -> ReconcileJob:
         """Queue a reconcile of these projects (None: all); merged with one not yet started."""
-        wanted = {projects} if isinstance(projects, str) else projects
-        with self._resync_cond:
-            for queued in self._resyncs:
-                queued.merge(wanted, forget or set())
-                if reason not in queued.reason:
-                    queued.reason = f"{queued.reason}, {reason}"
-                return queued
-            request = ResyncRequest(None if wanted is None else set(wanted), reason, set(forget or ()))
-            self._resyncs.append(request)
-            self._resync_cond.notify_all()
-            return request
+        return self._reconciles.request(projects, reason, forget or ())
 
     def _resync_soon(self, project: str, reason: str) -> None:
-        self.request_resync(project, reason)
+        self._request_reconcile(project, reason)
 
-    def _reconcile_loop(self) -> None:
-        delay = RETRY_BACKOFF_S[0]
-        while not self._stop.is_set():
-            with self._resync_cond:
-                self._resync_cond.wait_for(
-                    lambda: self._stop.is_set() or (self._resyncs and not self.queue.paused), timeout=5.0
-                )
-                if self._stop.is_set() or not self._resyncs or self.queue.paused:
-                    continue
-                request = self._resyncs.pop(0)
-            try:
-                request.summary = self._run_reconcile(request)
-                delay = RETRY_BACKOFF_S[0]
-            except Exception as exc:
-                self.counters["reconcile_failures"] += 1
-                request.error = mask_secrets(str(getattr(exc, "orig", None) or exc))
-                if not is_transient(exc):
-                    logger.opt(exception=exc).error("reconcile ({}) failed", request.reason)
-                else:
-                    self.health.failed(exc, self.queue.pending())
-                # Owed until it succeeds: try again after a pause, merged with anything newer.
-                self._stop.wait(delay)
-                delay = min(RETRY_BACKOFF_S[1], delay * 2)
-                self.request_resync(request.projects, request.reason, request.forget)
-            finally:
-                request.done.set()
-
-    def _run_reconcile(self, request: ResyncRequest) -> ReconcileSummary:
+    def _run_reconcile(self, job: ReconcileJob) -> ReconcileSummary:
         refs = self.registry.refs()
-        chosen = [
-            r for path, r in sorted(refs.items()) if request.projects is None or path in request.projects
-        ]
+        chosen = [r for path, r in sorted(refs.items()) if job.projects is None or path in job.projects]
         summary = reconcile(
             self.store,
             chosen,
@@ -449,18 +337,18 @@ class Service:
             on_batch=self._published_batch,
         )
         self.health.succeeded()
-        self.registry.remove(sorted(request.forget))
-        self.counters["reconciles" if request.projects is None else "resyncs"] += 1
+        self.registry.remove(sorted(job.forget))
+        self._counts["reconciles" if job.projects is None else "resyncs"] += 1
         now = datetime.now(UTC)
         # A project without an inotify watch is scanned every half minute: only a scan that
         # found something is worth a line at INFO.
-        routine = request.reason == RESYNC_FALLBACK and not summary.as_dict()["changed"]
-        logger.log("DEBUG" if routine else "INFO", "{} ({})", summary.line(), request.reason)
+        routine = job.reason == RESYNC_FALLBACK and not summary.as_dict()["changed"]
+        logger.log("DEBUG" if routine else "INFO", "{} ({})", summary.line(), job.reason)
         events: list[dict[str, Any]] = [
-            {"kind": PROJECT_RESYNCED, "project": r.path, "at": now.isoformat(), "reason": request.reason}
+            {"kind": PROJECT_RESYNCED, "project": r.path, "at": now.isoformat(), "reason": job.reason}
             for r in chosen
         ]
-        if request.projects is None:
+        if job.projects is None:
             self.last_reconcile_at = now
             events.append({"kind": RECONCILE_FINISHED, "at": now.isoformat(), **summary.as_dict()})
             # Every full reconcile purges, as the design has it (start-up, nightly, on request): a
@@ -481,19 +369,17 @@ class Service:
         if not (s.reconcile_on_start or overdue):
             self._count_sessions()
             return
-        request = self.request_resync(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
-        while not request.done.wait(5.0) and not self._stop.is_set():
+        job = self._request_reconcile(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
+        while not job.done.wait(5.0) and not self._stop.is_set():
             self.notifier.extend_timeout(30.0)  # a long first reconcile must not time the start out
 
     def _nightly(self) -> None:
-        self.request_resync(None, "nightly")
+        self._request_reconcile(None, "nightly")
 
     # -- work ---------------------------------------------------------------------------------
 
     def _process(self, keys: Sequence[SessionKey]) -> BatchResult:
-        if self._wedge and any(k.slug == self._wedge for k in keys):
-            logger.warning("test hook: wedging a worker on {}", self._wedge)
-            threading.Event().wait()
+        self._hooks.wedge_if_named(keys)
         return sync_batch(self.store, self.registry.refs(), keys, self.cfg.watch.max_state_bytes)
 
     def _published_batch(self, result: BatchResult) -> None:
@@ -502,16 +388,16 @@ class Service:
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
         log_changes(events)
-        self._forget_fixed(events)
+        self._recent_errors.forget_fixed(events)
         self.hub.publish_many(events)
-        self.counters["events_published"] += len(events)
+        self._counts["events_published"] += len(events)
         # Between reconciles (which recount exactly), the status count follows the events.
         delta = sum(_LIVE_DELTA.get(e["kind"], 0) for e in events)
         if delta:
             with self._live_lock:
                 self.live_sessions += delta
 
-    def sync_now(self, key: SessionKey) -> BatchResult:
+    def _sync_now(self, key: SessionKey) -> BatchResult:
         """Sync one session immediately (the control `sync` command), as its only writer."""
         with self.queue.claim([key]):
             result = sync_batch(self.store, self.registry.refs(), [key], self.cfg.watch.max_state_bytes)
@@ -527,50 +413,19 @@ class Service:
 
     # -- health and status --------------------------------------------------------------------
 
-    def uptime(self) -> float:
-        return time.time() - self.started_at
-
     @property
-    def database_label(self) -> str:
+    def _database_label(self) -> str:
         return mask_url(self.cfg.database_url(self._env))
 
-    @property
-    def config_label(self) -> str:
-        return str(self.cfg.source) if self.cfg.source else "built-in defaults"
-
-    def wake_reconciler(self) -> None:
-        with self._resync_cond:
-            self._resync_cond.notify_all()
-
-    def _remember(self, message: Any) -> None:
-        record = message.record
-        extra = record["extra"]
-        with self._errors_lock:
-            self.recent_errors.append(
-                {
-                    "at": record["time"].isoformat(),
-                    "level": record["level"].name,
-                    "session": extra.get("session"),
-                    "project": extra.get("project"),
-                    "message": record["message"],
-                }
-            )
-
-    def current_errors(self) -> list[dict[str, str | None]]:
-        """Recent warnings and errors that still apply, oldest first."""
-        with self._errors_lock:
-            return list(self.recent_errors)
-
-    def _forget_fixed(self, events: Sequence[Mapping[str, Any]]) -> None:
-        """A session written clean again (or gone) drops out of the recent errors, so `status`
-        shows what is still wrong; a write that is invalid or has field problems keeps its entry."""
-        bad = {e["path"] for e in events if e["kind"] == "session.invalid" or e.get("fields")}
-        fixed = {e["path"] for e in events if "path" in e} - bad
-        if fixed:
-            with self._errors_lock:
-                kept = [e for e in self.recent_errors if e.get("session") not in fixed]
-                self.recent_errors.clear()
-                self.recent_errors.extend(kept)
+    def _counters(self) -> dict[str, int]:
+        c = self._counts
+        return {
+            "resyncs": c["resyncs"],
+            "reconciles": c["reconciles"],
+            "reconcile_failures": self._reconciler.failures,
+            "events_published": c["events_published"],
+            "discoveries": c["discoveries"],
+        }
 
     def healthy(self, stall_after_s: float) -> bool:
         """Alive and making progress: what WATCHDOG=1 vouches for. An idle worker is healthy; one
@@ -588,9 +443,135 @@ class Service:
         db = "ok" if self.health.ok else "DOWN"
         paused = ", PAUSED" if self.queue.paused else ""
         return (
-            f"{len(self.registry.refs())} project(s), {self.live_sessions} session(s), "
+            f"{len(self.registry)} project(s), {self.live_sessions} session(s), "
             f"{self.queue.pending() + len(self.debouncer)} pending, database {db}{paused}"
         )
+
+    # -- the control commands: all that daemon/control/handlers.py calls ---------------------
+
+    def status(self) -> dict[str, Any]:
+        """The status reply: the contract's keys plus watch, database and error details."""
+        watch = self.watcher.projects()
+        health = self.health
+        nightly = self.schedule.next_nightly()
+        return {
+            "version": version(),
+            "pid": os.getpid(),
+            "config": str(self.cfg.source) if self.cfg.source else None,
+            "uptime_s": round(time.time() - self.started_at),
+            "next_reconcile_at": nightly.isoformat() if nightly else None,
+            "projects": len(self.registry),
+            "sessions": self.live_sessions,
+            "pending": self.queue.pending() + len(self.debouncer),
+            "in_flight": self.queue.busy(),
+            "database_ok": health.ok,
+            "database": {
+                "url": self._database_label,
+                "ok": health.ok,
+                "outages": health.outages,
+                "last_error": health.last_error or None,
+            },
+            "paused": self.queue.paused,
+            "last_reconcile_at": self.last_reconcile_at.isoformat() if self.last_reconcile_at else None,
+            "watch": [{"project": path, "state": state} for path, state in sorted(watch.items())],
+            "counters": {
+                **self._counters(),
+                **self.watcher.counters(),
+                "batches": self.workers.batches,
+                "rows_written": self.workers.written,
+                "batch_failures": self.workers.failures,
+                "floods": self.debouncer.floods,
+                "database_outages": health.outages,
+                "subscribers": self.hub.subscriber_count(),
+            },
+            "recent_errors": self._recent_errors.entries(),
+        }
+
+    def pause(self) -> dict[str, Any]:
+        """Hold database writes; changes seen meanwhile stay queued."""
+        self.queue.pause()
+        return {"paused": True, "pending": self.queue.pending()}
+
+    def resume(self) -> dict[str, Any]:
+        self.queue.resume()
+        self._reconciles.wake()  # a reconcile asked for while paused may start now
+        return {"paused": False, "pending": self.queue.pending()}
+
+    def resync(self, projects: Sequence[str] | None, *, wait: bool) -> dict[str, Any]:
+        """Rescan these project folders, or (None) rediscover projects and rescan every one."""
+        if projects is None:
+            self.rediscover()
+            return self._answer(self._request_reconcile(None, "resync --all"), wait)
+        unknown = self.registry.unknown(projects)
+        if unknown:
+            raise ControlError("not_found", f"no project at {', '.join(unknown)}")
+        wanted = {os.path.realpath(p) for p in projects}
+        return self._answer(self._request_reconcile(wanted, "resync requested"), wait)
+
+    def reconcile(self, *, wait: bool) -> dict[str, Any]:
+        return self._answer(self._request_reconcile(None, "reconcile requested"), wait)
+
+    def sync(self, folder: str) -> dict[str, Any]:
+        """Sync one session folder now; written (or found unchanged) before the reply."""
+        found = self.registry.session_at(folder)
+        if found is None:
+            raise ControlError("not_found", f"{folder} is not a session folder of any known project")
+        key, path = found
+        if not os.path.lexists(os.path.normpath(folder)):
+            # A hook naming a folder that is not there has the wrong path. Should the session
+            # just have been removed, its row is tombstoned the ordinary way.
+            self.queue.submit([key])
+            raise ControlError("not_found", f"no session folder at {folder}")
+        if self.queue.paused:
+            self.queue.submit([key])
+            raise ControlError("unavailable", "writes are paused; the session will sync on resume")
+        try:
+            result = self._sync_now(key)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self.queue.submit([key])
+            raise ControlError("unavailable", "database unavailable; the session stays queued") from None
+        return {
+            "project": key.project,
+            "slug": key.slug,
+            "path": path,
+            "written": result.written + result.tombstoned,
+            "invalid": result.invalid,
+            "unchanged": result.unchanged + result.touched,
+        }
+
+    def errors(self) -> dict[str, Any]:
+        """Sessions whose state.json is invalid, and why: the first ERRORS_LIMIT, and how many more."""
+        try:
+            rows = self.store.invalid_sessions()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise ControlError("unavailable", "database unavailable") from None
+        return {
+            "errors": [
+                {
+                    **row,
+                    "sync_error": (row["sync_error"] or "")[:300],
+                    "sync_error_at": row["sync_error_at"].isoformat() if row["sync_error_at"] else None,
+                }
+                for row in rows[:ERRORS_LIMIT]
+            ],
+            "more": max(0, len(rows) - ERRORS_LIMIT),
+        }
+
+    def _answer(self, job: ReconcileJob, wait: bool) -> dict[str, Any]:
+        """The reply to a resync or reconcile: queued, or once `wait`ed for, its summary."""
+        if not wait:
+            return {"queued": True}
+        if self.queue.paused:
+            raise ControlError("unavailable", "writes are paused; run `sessionsync resume` first")
+        if not job.done.wait(WAIT_LIMIT_S):
+            raise ControlError("unavailable", f"the reconcile did not finish within {WAIT_LIMIT_S:.0f} s")
+        if job.summary is None:
+            raise ControlError("unavailable", f"the reconcile failed: {job.error}; it will be retried")
+        return dict(job.summary.as_dict())
 
     # -- reload -------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import TextClause, UpdateBase
 
 from sessionsync.daemon.errors import SchemaMissing
-from sessionsync.daemon.sync import Action, Change, Known
+from sessionsync.daemon.inspection import Action, Change, Known
 from sessionsync.models.events import (
     NOTIFY_CHANNEL,
     SessionEventKind,

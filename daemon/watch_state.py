@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 
 from loguru import logger
 
+from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.session_paths import FsEvent
 
 ProjectState = Literal["live", "fallback", "missing"]
@@ -81,6 +82,7 @@ class _Project:
     project: str
     sessions_dir: str  # as given, absolute
     watched_dir: str  # its real path: what the recursive watch is on
+    retry: Backoff  # delays between attempts to watch it, growing while they keep failing
     state: ProjectState = "missing"
     watch: Tree | None = None
     ident: Ident | None = None  # (device, inode) of the watched folder
@@ -88,7 +90,6 @@ class _Project:
     parent_ident: Ident | None = None
     next_scan: float | None = None  # fallback: when to ask for the next periodic scan
     next_retry: float | None = None  # fallback, or missing unobserved: when to try again
-    backoff: float = 0.0
     retries: int = 0
 
 
@@ -139,7 +140,7 @@ class ProjectWatches:
             return entry.state
         if entry is not None:
             self._disarm(entry)
-        entry = _Project(project, sessions_dir, watched_dir)
+        entry = _Project(project, sessions_dir, watched_dir, Backoff(self._backoff_min, self._backoff_max))
         self._projects[project] = entry
         self._arm(entry)
         say = logger.bind(project=project)
@@ -256,30 +257,31 @@ class ProjectWatches:
             self._count("watch_retries")
             entry.retries += 1
             self._disarm(entry, keep_parent=True)
-            after = self._arm(entry, backoff=min(entry.backoff * 2, self._backoff_max))
+            after = self._arm(entry, retrying=True)
             self._log_change(entry, before)
             if after == "live":
                 resyncs.append((entry.project, RESYNC_RESTORED if before == "fallback" else RESYNC_CREATED))
         return resyncs
 
-    def _arm(self, entry: _Project, backoff: float | None = None) -> ProjectState:
-        """Watch the parent folder, then the sessions folder; settle and return the project's state."""
+    def _arm(self, entry: _Project, retrying: bool = False) -> ProjectState:
+        """Watch the parent folder, then the sessions folder; settle and return the project's state.
+        `retrying`: a timer's retry, which waits longer than the last if it fails again."""
         entry.next_retry = None
         source = self._ensure_source()
         if source is None:
-            self._enter_fallback(entry, errno.EMFILE, backoff)
+            self._enter_fallback(entry, errno.EMFILE, retrying)
             return entry.state
         if entry.parent_wd is None:
             try:
                 self._add_parent_watch(source, entry)
             except OSError as exc:
                 if exc.errno in LIMITS:
-                    self._enter_fallback(entry, exc.errno, backoff)
+                    self._enter_fallback(entry, exc.errno, retrying)
                     return entry.state
                 # No parent folder (yet): the sessions folder is missing too, retried below.
         ident = self._ident(entry.watched_dir)
         if ident is None:
-            self._enter_missing(entry, backoff)
+            self._enter_missing(entry, retrying)
             return entry.state
         project, watched_dir = entry.project, entry.watched_dir
         try:
@@ -290,16 +292,16 @@ class ProjectWatches:
             )
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                self._enter_missing(entry, backoff)
+                self._enter_missing(entry, retrying)
             else:
-                self._enter_fallback(entry, exc.errno or 0, backoff, exc)
+                self._enter_fallback(entry, exc.errno or 0, retrying, exc)
             return entry.state
         err = entry.watch.partial
         if err is not None:
             # The sessions folder is watched but some session folders below it are not: such a
             # partial watch would miss those sessions silently, so the whole project falls back.
             self._disarm(entry, keep_parent=True)
-            self._enter_fallback(entry, err, backoff)
+            self._enter_fallback(entry, err, retrying)
             return entry.state
         entry.state, entry.ident, entry.next_scan = "live", ident, None
         return entry.state
@@ -332,16 +334,15 @@ class ProjectWatches:
         if not keep_parent:
             self._drop_parent(entry)
 
-    def _enter_missing(self, entry: _Project, backoff: float | None) -> None:
+    def _enter_missing(self, entry: _Project, retrying: bool) -> None:
         entry.state, entry.ident, entry.next_scan = "missing", None, None
         # The parent watch reports the folder's creation. Without one (the parent is missing
         # too), or when the sessions folder is a symlink whose target may come back, look again.
         if entry.parent_wd is None or entry.watched_dir != entry.sessions_dir:
-            entry.backoff = self._backoff_min if backoff is None else backoff
-            entry.next_retry = self._clock() + entry.backoff
+            entry.next_retry = self._clock() + self._retry_delay(entry, retrying)
 
     def _enter_fallback(
-        self, entry: _Project, err: int, backoff: float | None = None, exc: OSError | None = None
+        self, entry: _Project, err: int, retrying: bool = False, exc: OSError | None = None
     ) -> None:
         now = self._clock()
         if entry.state != "fallback":
@@ -349,8 +350,14 @@ class ProjectWatches:
             self._log_fallback(entry, err, exc)
             entry.next_scan, entry.retries = now + self.fallback_scan_s, 0
         entry.state, entry.ident = "fallback", None
-        entry.backoff = self._backoff_min if backoff is None else backoff
-        entry.next_retry = now + entry.backoff
+        entry.next_retry = now + self._retry_delay(entry, retrying)
+
+    @staticmethod
+    def _retry_delay(entry: _Project, retrying: bool) -> float:
+        # A project that has just gone missing or fallen back starts again from the shortest delay.
+        if not retrying:
+            entry.retry.reset()
+        return entry.retry.next()
 
     # --- the story, in the log ---
 

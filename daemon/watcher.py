@@ -21,6 +21,7 @@ from typing import Protocol
 
 from loguru import logger
 
+from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.inotify_faults import INOTIFY_SYSCTL_ENV, InotifyFaults
 from sessionsync.daemon.inotify_source import LIMIT_ERRNOS, InotifySource
 from sessionsync.daemon.session_paths import FsEvent, event_slugs
@@ -124,7 +125,7 @@ class SessionWatcher:
         self._stopping = False
         # observer restarts: at once the first time, then backing off while it keeps dying
         self._restart_at: float | None = None
-        self._restart_backoff = self._backoff_min
+        self._restart_backoff = Backoff(self._backoff_min, self._backoff_max)
         self._last_restart = -float("inf")
         # under _signal: the inbox, the next timer, the counters
         self._checks: set[str] = set()  # projects, or "\0" + watched folder (emitter ended)
@@ -340,11 +341,9 @@ class SessionWatcher:
         """At once, unless the last restart was recent: then back off, so that a bug killing the
         observer again and again does not become a loop of restarts and full rescans."""
         if now - self._last_restart > self._backoff_max:
-            self._restart_backoff = self._backoff_min
+            self._restart_backoff.reset()
             return now
-        at = self._last_restart + self._restart_backoff
-        self._restart_backoff = min(self._restart_backoff * 2, self._backoff_max)
-        return at
+        return self._last_restart + self._restart_backoff.next()
 
     def _restart_observer(self) -> list[Resync]:
         self._last_restart = time.monotonic()

@@ -21,6 +21,7 @@ from typing import Any
 
 from loguru import logger
 
+from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.batch import BatchResult
 from sessionsync.daemon.store import is_transient
 from sessionsync.models.keys import SessionKey
@@ -220,7 +221,7 @@ class Workers:
         self._batch_size = batch_size
 
     def _run(self) -> None:
-        delay = 0.0
+        backoff = Backoff(*self._backoff)
         me = threading.get_ident()
         while not self._stop.is_set():
             keys = self.queue.take(self._batch_size, timeout=1.0)
@@ -233,13 +234,11 @@ class Workers:
                 del self._busy_since[me]  # before the backoff: waiting out an outage is not a stall
                 self.queue.done(keys, retry=True)
                 self._failed(exc, keys)
-                low, high = self._backoff
-                delay = min(high, max(low, delay * 2))
-                self._stop.wait(delay)
+                self._stop.wait(backoff.next())
                 continue
             del self._busy_since[me]
             self.queue.done(keys)
-            delay = 0.0
+            backoff.reset()
             self.batches += 1
             self.written += result.written + result.tombstoned
             self.health.succeeded()

@@ -27,8 +27,8 @@ from psycopg import pq
 from sqlalchemy import Connection
 
 from sessionsync.daemon.batch import BatchResult, report_invalid, write_changes
+from sessionsync.daemon.inspection import Change, Known
 from sessionsync.daemon.store import ProjectRef, Store, WriteResult
-from sessionsync.daemon.sync import Change, Known
 from sessionsync.models.keys import SessionKey
 
 

@@ -14,7 +14,7 @@ from bench.chaos import checks
 from bench.chaos.faults import EXIT_DEADLINE_S, START_DEADLINE_S, Faults
 from bench.chaos.record import Outcome, mark
 from bench.chaos.workload import MAX_STATE_BYTES, Workload
-from sessionsync.daemon.service import FALLBACK_SCAN_ENV
+from sessionsync.daemon.testing_hooks import FALLBACK_SCAN_ENV
 from tests.support.inotify_limits import stand_in_env
 from tests.support.proxy import TcpProxy, proxied_url, url_target
 from tests.support.runner import Daemon

@@ -1,4 +1,4 @@
-"""One session: stat, skip, read, hash, parse, map -> the change to write (or nothing).
+"""Inspect one session folder: stat, skip, read, hash, parse, map -> the change to write (or nothing).
 
 Pure with respect to the database: it compares the folder with what the store says it last
 mirrored (`Known`) and returns a `Change`. Never writes to the project, never follows a

@@ -1,0 +1,50 @@
+"""Test hooks: every way the test suite and the chaos benchmark reach into a daemon subprocess.
+
+Each is an environment variable that production never sets, read once when the service is built,
+so that the rest of the daemon holds no test-only code paths but these few calls.
+
+    SESSIONSYNC_TEST_WEDGE_SLUG          a worker that meets this slug blocks for good
+    SESSIONSYNC_TEST_FALLBACK_SCAN_S     how often an unwatchable project is rescanned
+    SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR  stand-ins for the inotify sysctls (inotify_faults.py)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from loguru import logger
+
+from sessionsync.daemon.inotify_faults import InotifyFaults
+from sessionsync.models.keys import SessionKey
+
+# A wedged worker: lets a test see WATCHDOG=1 stop while the other threads still run.
+WEDGE_ENV = "SESSIONSYNC_TEST_WEDGE_SLUG"
+# The watcher rescans a project it cannot watch (inotify watch limit) every 30 s; a chaos run that
+# exhausts the watches needs the rescan within its deadline.
+FALLBACK_SCAN_ENV = "SESSIONSYNC_TEST_FALLBACK_SCAN_S"
+DEFAULT_FALLBACK_SCAN_S = 30.0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The hooks this process was started with; `Hooks()` is production: none of them."""
+
+    wedge_slug: str = ""
+    fallback_scan_s: float = DEFAULT_FALLBACK_SCAN_S
+    inotify_faults: InotifyFaults | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Hooks:
+        return cls(
+            wedge_slug=env.get(WEDGE_ENV, ""),
+            fallback_scan_s=float(env.get(FALLBACK_SCAN_ENV) or DEFAULT_FALLBACK_SCAN_S),
+            inotify_faults=InotifyFaults.from_env(env),
+        )
+
+    def wedge_if_named(self, keys: Sequence[SessionKey]) -> None:
+        """Block the calling worker forever if the batch holds the wedge slug."""
+        if self.wedge_slug and any(k.slug == self.wedge_slug for k in keys):
+            logger.warning("test hook: wedging a worker on {}", self.wedge_slug)
+            threading.Event().wait()
