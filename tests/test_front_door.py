@@ -364,7 +364,9 @@ def test_sync_errors_and_watch_name_the_real_session_folder(running: tuple[NewUs
     assert errors.stdout.startswith(f"{project}/agents/sessions/broken: invalid: not valid JSON")
 
     assert watch.stdout is not None
-    lines = [watch.stdout.readline() for _ in range(2)]
+    # Three events in all, in whatever order the two sessions were written: first's phase change,
+    # broken's creation and its invalid content.
+    lines = [watch.stdout.readline() for _ in range(3)]
     watch.kill()
     assert "None" not in "".join(lines)
     assert any(
@@ -373,6 +375,9 @@ def test_sync_errors_and_watch_name_the_real_session_folder(running: tuple[NewUs
     assert any(
         re.search(rf"session\.created\s+{re.escape(str(project))}/agents/sessions/broken", x) for x in lines
     )
+    assert any(
+        re.search(r"session\.invalid\s+.*/agents/sessions/broken \(not valid JSON", x) for x in lines
+    ), lines
 
 
 def test_wrong_type_fields_are_listed_as_field_problems_and_logged_once(
