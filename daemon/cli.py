@@ -146,7 +146,7 @@ def cmd_sessions(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from sessionsync.daemon.service import run_daemon
 
-    return run_daemon(cfg, args.config)
+    return run_daemon(cfg, args.config, args.early_signals)
 
 
 def _ask(cfg: Config, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -407,6 +407,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help and --version
         return int(exc.code or 0)
     func: Command = args.func
+    if func is cmd_run:
+        # Before anything slow (the config, the daemon's imports): a reload or stop sent now is
+        # kept for the daemon instead of ending it.
+        from sessionsync.daemon.early_signals import EarlySignals
+
+        args.early_signals = EarlySignals().install()
     try:
         try:
             cfg = load_config(args.config)

@@ -29,6 +29,7 @@ from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
 from sessionsync.daemon.discovery import discover
+from sessionsync.daemon.early_signals import EarlySignals
 from sessionsync.daemon.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, ControlError, SessionSyncError
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.instance_lock import InstanceLock
@@ -115,18 +116,29 @@ class Service:
         self.socket_path = cfg.socket_path(self._env)
         self._instance_lock = InstanceLock(self.socket_path.parent, mask_secrets(cfg.database_url(self._env)))
         self.control: Any = None
+        self.state = "starting"  # what `status` says until the start-up reconcile is done
         self.pinger: WatchdogPinger | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, early: EarlySignals | None = None) -> int:
         previous = self._install_signals()
+        if early is not None:
+            self._replay(early)
         started = time.monotonic()
         try:
-            if not self._wait_for_database():
-                return EXIT_OK
+            # The lock and the socket come first, so that `status` answers ("starting: waiting for
+            # the database") while the database is still out of reach.
             self._instance_lock.acquire()
             self._start_control()
+            self.state = "starting: waiting for the database"
+            if not self._wait_for_database():
+                self.control.stop()
+                self.engine.dispose()
+                self._instance_lock.release()
+                self._recent_errors.detach()
+                return EXIT_OK
+            self.state = "starting: start-up reconcile"
             self._refresh_projects(initial=True)
             self.workers.start()
             self.debounce.start()
@@ -138,6 +150,7 @@ class Service:
             self._startup_reconcile()
             if self._stop.is_set():
                 return self._shutdown(started)
+            self.state = "running"
             logger.info(
                 "sessionsync started: version {}, {} project(s), {} session(s), database {}, config {}, "
                 "roots {}, in {:.2f} s",
@@ -226,6 +239,16 @@ class Service:
     def _restore_signals(previous: Mapping[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+    def _replay(self, early: EarlySignals) -> None:
+        """What came before our handlers: a stop is a stop; a reload waits until we are up."""
+        if early.received & {signal.SIGTERM, signal.SIGINT}:
+            logger.info("stop requested during start-up")
+            self.request_stop()
+        if signal.SIGHUP in early.received:
+            logger.info("reload requested during start-up: applied once started")
+            self._reload.set()
+            self._wake.set()
 
     def _on_term(self, _sig: int, _frame: FrameType | None) -> None:
         self.request_stop()
@@ -456,6 +479,7 @@ class Service:
         nightly = self.schedule.next_nightly()
         return {
             "version": version(),
+            "state": self.state,
             "pid": os.getpid(),
             "config": str(self.cfg.source) if self.cfg.source else None,
             "uptime_s": round(time.time() - self.started_at),
@@ -609,11 +633,12 @@ class Service:
         self.notifier.ready(self.status_line())
 
 
-def run_daemon(cfg: Config, config_arg: str | None) -> int:
-    """`sessionsync run`: set up logging, run until stopped; `config_arg` is reread on SIGHUP."""
+def run_daemon(cfg: Config, config_arg: str | None, early: EarlySignals | None = None) -> int:
+    """`sessionsync run`: set up logging, run until stopped; `config_arg` is reread on SIGHUP.
+    `early` holds the signals that came before the service could install its own handlers."""
     setup_logging(cfg.log.level, cfg.log.format, cfg.log.file, sql=cfg.log.sql)
     try:
-        return Service(cfg, config_arg).run()
+        return Service(cfg, config_arg).run(early)
     except SessionSyncError:
         raise
     except Exception as exc:

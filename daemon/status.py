@@ -69,6 +69,9 @@ def render_status(status: Mapping[str, Any], client_config: str | None, home: st
     now = datetime.now(UTC)
     daemon_config = status.get("config")
     paused = "  PAUSED (writes held; `sessionsync resume`)" if status["paused"] else ""
+    state = status.get("state", "running")
+    if state != "running":
+        paused += f"  ({state})"
     yield (
         f"sessionsync {status.get('version', '?')}, pid {status['pid']}, up {duration(status['uptime_s'])}"
         f"{paused}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -208,3 +209,59 @@ pathlib.Path("{b}", "agents", "sessions", "in-b", "state.json").write_text(
     json.dumps({{"topic": "edited", "phase_history": {{}}}})
 )
 """
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler installed for `sig` (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_sighup_in_the_first_moment_is_kept_for_later(tmp_path: Path) -> None:
+    from tests.support.waiting import wait_for
+    from tests.test_front_door import NewUser
+
+    user = NewUser(tmp_path)
+    try:
+        user.project()
+        daemon = user.start([str(SESSIONSYNC), "run"])
+        # As soon as our handler is in (before the config or the daemon's imports), as
+        # `systemctl reload` right after a start would.
+        wait_for(lambda: _catches(daemon.pid, signal.SIGHUP), timeout=10, interval=0.001)
+        daemon.send_signal(signal.SIGHUP)
+        user.wait_answering(daemon)
+        assert user.run("status").returncode == 0
+        code, output = user.stop(daemon)
+        assert code == 0, output
+        assert "reload requested during start-up: applied once started" in output
+        assert "configuration reloaded from built-in defaults" in output
+    finally:
+        user.close()
+
+
+def test_status_answers_while_the_database_is_out_of_reach(tmp_path: Path) -> None:
+    from tests.support.waiting import wait_for
+    from tests.test_front_door import NewUser
+
+    user = NewUser(tmp_path)
+    try:
+        user.project()
+        env = {"SESSIONSYNC_DATABASE__URL": "postgresql+psycopg://nobody:sekrit@127.0.0.1:1/x"}
+        daemon = user.start([str(SESSIONSYNC), "run"], env=env)
+        status = user.wait_answering(daemon)
+        assert status["state"] == "starting: waiting for the database"
+        assert status["database_ok"] is False or status["database"]["last_error"] is None
+        wait_for(
+            lambda: user.run("status", "--json", env=env).stdout.count('"database_ok": false'), timeout=10
+        )
+        shown = user.run("status", env=env)
+        assert shown.returncode == 0
+        assert "(starting: waiting for the database)" in shown.stdout.splitlines()[0]
+        assert "sekrit" not in shown.stdout
+        code, output = user.stop(daemon)
+        assert code == 0, output
+        assert "sekrit" not in output
+    finally:
+        user.close()
