@@ -26,6 +26,7 @@ import pytest
 from tests.support.databases import libpq_url, postgres_schema
 from tests.support.inotify_limits import inotify_sysctls
 from tests.support.leaks import ConnectionLedger
+from tests.support.newuser import NewUser
 
 PG_URL = os.environ.get("SESSIONSYNC_TEST_PG_URL", "")
 IN_CI = bool(os.environ.get("CI"))
@@ -142,3 +143,13 @@ def project(tmp_path: Path) -> Path:
     path = tmp_path / "proj"
     (path / "agents" / "sessions").mkdir(parents=True)
     return path.resolve()
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> Iterator[NewUser]:
+    """A new user with a fresh home (see tests.support.newuser); its daemons are killed after."""
+    new = NewUser(tmp_path)
+    try:
+        yield new
+    finally:
+        new.close()

@@ -12,7 +12,6 @@ import shutil
 import sqlite3
 import stat
 import subprocess
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,9 @@ from sessionsync.daemon.doctor import (
 from sessionsync.daemon.inotify_faults import INOTIFY_SYSCTL_ENV
 from tests.conftest import require_postgres
 from tests.support.databases import postgres_schema
+from tests.support.newuser import SESSIONSYNC, NewUser
 from tests.support.sessions import fixture_doc, write_state
 from tests.support.waiting import wait_for
-from tests.test_front_door import SESSIONSYNC, NewUser
 
 CHECKS = [
     "config",
@@ -49,15 +48,6 @@ CHECKS = [
     "unit",
 ]
 LINE = re.compile(r"(OK|WARN|FAIL) +(\S+) +(.*)")
-
-
-@pytest.fixture
-def user(tmp_path: Path) -> Iterator[NewUser]:
-    new = NewUser(tmp_path)
-    try:
-        yield new
-    finally:
-        new.close()
 
 
 class Doctor:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.newuser import NewUser
 from tests.support.sessions import fixture_doc, write_state
 
 SESSIONSYNC = Path(sys.executable).parent / "sessionsync"
@@ -105,35 +106,30 @@ def test_a_folder_name_that_is_not_utf8_stops_nothing(tmp_path: Path) -> None:
         assert conn.execute("SELECT slug FROM sessions").fetchall() == [("fine",)]
 
 
-def test_a_poison_folder_name_under_a_running_daemon_stops_no_other_session(tmp_path: Path) -> None:
+def test_a_poison_folder_name_under_a_running_daemon_stops_no_other_session(user: NewUser) -> None:
     from tests.support.waiting import wait_for
-    from tests.test_front_door import NewUser
 
-    user = NewUser(tmp_path)
-    try:
-        one, two = user.project("one"), user.project("two")
-        daemon = user.daemon()
-        poison = os.path.join(os.fsencode(one / "agents" / "sessions"), b"caf\xe9")
-        os.mkdir(poison)
-        Path(os.fsdecode(poison), "state.json").write_text("{}")
-        write_state(one, "beside", fixture_doc("v2-spec"))
-        write_state(two, "elsewhere", fixture_doc("v2-spec"))
-        wait_for(lambda: {"beside", "elsewhere"} <= set(user.rows()), timeout=10)
-        assert user.run("resync", "--all", "--wait").returncode == 0
-        # The warning about it is in `status`, and the name survives the control protocol.
-        status = user.run("status", "--json")
-        assert status.returncode == 0, status.stderr
-        sessions = [e["session"] for e in json.loads(status.stdout)["recent_errors"]]
-        assert os.fsdecode(poison) in sessions
-        synced = user.run("sync", os.fsdecode(poison), errors="surrogateescape")
-        assert "Traceback" not in synced.stderr, synced.stderr
-        assert synced.returncode in (0, 1), synced.stderr
-        code, output = user.stop(daemon)
-        assert code == 0
-        assert "Traceback" not in output
-        assert output.count("session folder name is not valid UTF-8") == 1, output
-    finally:
-        user.close()
+    one, two = user.project("one"), user.project("two")
+    daemon = user.daemon()
+    poison = os.path.join(os.fsencode(one / "agents" / "sessions"), b"caf\xe9")
+    os.mkdir(poison)
+    Path(os.fsdecode(poison), "state.json").write_text("{}")
+    write_state(one, "beside", fixture_doc("v2-spec"))
+    write_state(two, "elsewhere", fixture_doc("v2-spec"))
+    wait_for(lambda: {"beside", "elsewhere"} <= set(user.rows()), timeout=10)
+    assert user.run("resync", "--all", "--wait").returncode == 0
+    # The warning about it is in `status`, and the name survives the control protocol.
+    status = user.run("status", "--json")
+    assert status.returncode == 0, status.stderr
+    sessions = [e["session"] for e in json.loads(status.stdout)["recent_errors"]]
+    assert os.fsdecode(poison) in sessions
+    synced = user.run("sync", os.fsdecode(poison), errors="surrogateescape")
+    assert "Traceback" not in synced.stderr, synced.stderr
+    assert synced.returncode in (0, 1), synced.stderr
+    code, output = user.stop(daemon)
+    assert code == 0
+    assert "Traceback" not in output
+    assert output.count("session folder name is not valid UTF-8") == 1, output
 
 
 NOBODY = 65534
@@ -219,49 +215,37 @@ def _catches(pid: int, sig: int) -> bool:
     return False
 
 
-def test_sighup_in_the_first_moment_is_kept_for_later(tmp_path: Path) -> None:
+def test_sighup_in_the_first_moment_is_kept_for_later(user: NewUser) -> None:
     from tests.support.waiting import wait_for
-    from tests.test_front_door import NewUser
 
-    user = NewUser(tmp_path)
-    try:
-        user.project()
-        daemon = user.start([str(SESSIONSYNC), "run"])
-        # As soon as our handler is in (before the config or the daemon's imports), as
-        # `systemctl reload` right after a start would.
-        wait_for(lambda: _catches(daemon.pid, signal.SIGHUP), timeout=10, interval=0.001)
-        daemon.send_signal(signal.SIGHUP)
-        user.wait_answering(daemon)
-        assert user.run("status").returncode == 0
-        code, output = user.stop(daemon)
-        assert code == 0, output
-        assert "reload requested during start-up: applied once started" in output
-        assert "configuration reloaded from built-in defaults" in output
-    finally:
-        user.close()
+    user.project()
+    daemon = user.start([str(SESSIONSYNC), "run"])
+    # As soon as our handler is in (before the config or the daemon's imports), as
+    # `systemctl reload` right after a start would.
+    wait_for(lambda: _catches(daemon.pid, signal.SIGHUP), timeout=10, interval=0.001)
+    daemon.send_signal(signal.SIGHUP)
+    user.wait_answering(daemon)
+    assert user.run("status").returncode == 0
+    code, output = user.stop(daemon)
+    assert code == 0, output
+    assert "reload requested during start-up: applied once started" in output
+    assert "configuration reloaded from built-in defaults" in output
 
 
-def test_status_answers_while_the_database_is_out_of_reach(tmp_path: Path) -> None:
+def test_status_answers_while_the_database_is_out_of_reach(user: NewUser) -> None:
     from tests.support.waiting import wait_for
-    from tests.test_front_door import NewUser
 
-    user = NewUser(tmp_path)
-    try:
-        user.project()
-        env = {"SESSIONSYNC_DATABASE__URL": "postgresql+psycopg://nobody:sekrit@127.0.0.1:1/x"}
-        daemon = user.start([str(SESSIONSYNC), "run"], env=env)
-        status = user.wait_answering(daemon)
-        assert status["state"] == "starting: waiting for the database"
-        assert status["database_ok"] is False or status["database"]["last_error"] is None
-        wait_for(
-            lambda: user.run("status", "--json", env=env).stdout.count('"database_ok": false'), timeout=10
-        )
-        shown = user.run("status", env=env)
-        assert shown.returncode == 0
-        assert "(starting: waiting for the database)" in shown.stdout.splitlines()[0]
-        assert "sekrit" not in shown.stdout
-        code, output = user.stop(daemon)
-        assert code == 0, output
-        assert "sekrit" not in output
-    finally:
-        user.close()
+    user.project()
+    env = {"SESSIONSYNC_DATABASE__URL": "postgresql+psycopg://nobody:sekrit@127.0.0.1:1/x"}
+    daemon = user.start([str(SESSIONSYNC), "run"], env=env)
+    status = user.wait_answering(daemon, running=False)
+    assert status["state"] == "starting: waiting for the database"
+    assert status["database_ok"] is False or status["database"]["last_error"] is None
+    wait_for(lambda: user.run("status", "--json", env=env).stdout.count('"database_ok": false'), timeout=10)
+    shown = user.run("status", env=env)
+    assert shown.returncode == 0
+    assert "(starting: waiting for the database)" in shown.stdout.splitlines()[0]
+    assert "sekrit" not in shown.stdout
+    code, output = user.stop(daemon)
+    assert code == 0, output
+    assert "sekrit" not in output
