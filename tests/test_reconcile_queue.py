@@ -15,7 +15,7 @@ from sqlalchemy import exc as sa_exc
 from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.reconcile import ReconcileSummary
 from sessionsync.daemon.reconcile_queue import ReconcileJob, ReconcileQueue, Reconciler
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 
 NOW = threading.Event()  # never set: with timeout 0, take() answers at once
 
