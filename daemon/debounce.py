@@ -233,7 +233,8 @@ class DebounceThread(Generic[K]):
 
     def later(self, keys: list[K]) -> None:
         """Have these keys looked at again once the quiet period has passed, never at once (a
-        state.json that may be half-written, see daemon/inspection.py)."""
+        state.json that may be half-written, see daemon/inspection.py). Keys handed here after
+        stop() stay with the stopped debouncer: the next start's reconcile looks at them."""
         if not keys:
             return
         with self._wake:
