@@ -295,9 +295,18 @@ def test_database_outage_logs_once_and_converges_after(pg_url: str, tmp_path: Pa
 
 
 def test_sigterm_drains_pending_work_and_exits_0(db_url: str, tmp_path: Path, project: Path) -> None:
-    # A long quiet period: the changes are still in the debouncer when SIGTERM comes.
+    # A long quiet period: the changes are still in the debouncer when SIGTERM comes. The folders
+    # are there before, so that a session's first event is its state.json's.
+    for i in range(5):
+        (sessions_dir(project) / f"s{i}").mkdir()
     with Daemon(tmp_path, db_url, projects=[project], debounce_ms=20_000, max_delay_ms=30_000) as daemon:
         daemon.wait_started()
+        # Each session's first write is mirrored at once (the leading edge); rewritten within the
+        # quiet period, it waits on the trailing edge.
+        for i in range(5):
+            write_state(project, f"s{i}", doc(f"first {i}"))
+        settle(db_url, [project])
+        assert daemon.wait_idle()
         for i in range(5):
             write_state(project, f"s{i}", doc(f"pending {i}"))
         wait_for(lambda: daemon.status()["pending"] >= 5, timeout=SETTLE_S)
@@ -306,7 +315,7 @@ def test_sigterm_drains_pending_work_and_exits_0(db_url: str, tmp_path: Path, pr
         assert converged(db_url, [project])
         log = daemon.log()
         assert "stopping: draining 5 pending session(s)" in log
-        assert re.search(r"sessionsync stopped after \d+ s: \d+ batch\(es\), 5 row\(s\) written", log)
+        assert re.search(r"sessionsync stopped after \d+ s: \d+ batch\(es\), 10 row\(s\) written", log)
         assert "not written" not in log
 
 
