@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -28,6 +28,9 @@ class BatchResult(WriteResult):
     unchanged: int = 0
     no_state: int = 0
     unstorable: int = 0  # folder names the database cannot hold (not UTF-8): never written
+    # Sessions whose state.json may be half-written (Verdict.UNSETTLED): nothing was written for
+    # them, and the caller must have them looked at again once the settle time has passed.
+    recheck: list[SessionKey] = field(default_factory=list)
 
     def add(self, other: WriteResult) -> None:
         for name in (f.name for f in fields(other) if f.name != "events"):
@@ -41,12 +44,15 @@ def sync_batch(
     keys: Sequence[SessionKey],
     max_bytes: int,
     known: Mapping[SessionKey, Known] | None = None,
+    settle_s: float = 0.0,
 ) -> BatchResult:
     """Sync these sessions now; keys of unknown projects are ignored. Transient database errors
-    propagate (the caller retries the whole batch); anything else is isolated to its session."""
+    propagate (the caller retries the whole batch); anything else is isolated to its session.
+    With `settle_s`, a just-modified state.json that does not parse is not recorded but put in
+    `result.recheck` (see daemon/inspection.py), and the caller owes it a look after settle_s."""
     if known is None:
         known = load_known(store, projects, keys)
-    result, changes = inspect_batch(projects, keys, max_bytes, known)
+    result, changes = inspect_batch(projects, keys, max_bytes, known, settle_s)
     result.add(write_changes(store, changes, known))
     return result
 
@@ -56,8 +62,10 @@ def inspect_batch(
     keys: Sequence[SessionKey],
     max_bytes: int,
     known: Mapping[SessionKey, Known],
+    settle_s: float = 0.0,
 ) -> tuple[BatchResult, list[tuple[ProjectRef, Change]]]:
     """What each session of the batch needs: the changes to write, and the skips counted."""
+    settle_ns = int(settle_s * 1e9)
     result = BatchResult()
     changes: list[tuple[ProjectRef, Change]] = []
     for key in keys:
@@ -67,9 +75,11 @@ def inspect_batch(
         if not _storable(key, project):
             result.unstorable += 1
             continue
-        outcome = inspect(key, project.sessions_dir, known.get(key), max_bytes)
+        outcome = inspect(key, project.sessions_dir, known.get(key), max_bytes, settle_ns)
         if outcome is Verdict.UNCHANGED:
             result.unchanged += 1
+        elif outcome is Verdict.UNSETTLED:
+            result.recheck.append(key)
         elif outcome is Verdict.NO_STATE:
             result.no_state += 1
         elif isinstance(outcome, Change):

@@ -1,8 +1,12 @@
-"""Per-key debouncing: a quiet period after a key's last event, capped by a ceiling after its first.
+"""Per-key debouncing: a leading edge for an isolated event, then a quiet period after a key's last
+event, capped by a ceiling after its first.
 
 Agents rewrite state.json many times a minute, often in bursts; the debouncer turns each burst into
-one unit of work. `Debouncer` is pure logic on an injected clock (tested without sleeping);
-`DebounceThread` runs one and hands due keys to a sink, sleeping while nothing is pending.
+at most two units of work (plus one per ceiling while it lasts). An event of a key that had no
+event for the quiet period fires at once (the leading edge: an isolated save is mirrored without
+waiting); the events that follow it within the quiet period are debounced on the trailing edge.
+`Debouncer` is pure logic on an injected clock (tested without sleeping); `DebounceThread` runs one
+and hands due keys to a sink, sleeping while nothing is pending.
 
 A flood (more keys pending at once than one batch of work holds, say a checkout or a script
 rewriting hundreds of sessions) is where a per-key quiet period coalesces worst: with hundreds of
@@ -10,7 +14,8 @@ keys written in turn, a key's own gaps straddle the quiet period at random and i
 times. So while a flood lasts, the quiet period is the whole stream's: a key fires at its ceiling,
 or when no key at all has had an event for the quiet period, which ends the flood. Convergence is
 unchanged (once the files stop changing, everything fires within the quiet period), and a session
-rewritten throughout a flood is written about once per ceiling.
+rewritten throughout a flood is written about once per ceiling. A flood has no leading edge: a key
+touched during one waits like the others, so a flood costs no more writes than it did.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ class _Pending:
 
 
 class Debouncer(Generic[K]):
-    """Per key, trailing edge: fires debounce_s after the key's last event, but never later than
-    max_delay_s after its first pending event. A key is pending at most once. Thread-safe.
+    """Per key: an event of a key with no event in the last debounce_s fires at once (leading edge).
+    Otherwise the key is pending and fires debounce_s after its last event, but never later than
+    max_delay_s after its first pending event (trailing edge). A key is pending at most once.
+    Thread-safe.
 
-    With more than `flood_keys` keys pending (None: never), a flood begins: until the whole stream
-    has been quiet for debounce_s, keys fire only at their ceiling; then every pending key fires."""
+    With more than `flood_keys` keys waiting on their trailing edge (None: never), a flood begins:
+    until the whole stream has been quiet for debounce_s, keys fire only at their ceiling, and no
+    key has a leading edge; then every pending key fires."""
 
     def __init__(
         self,
@@ -66,18 +74,38 @@ class Debouncer(Generic[K]):
         # moves deadlines later while it lasts; its end makes every pending key due at once.
         self._heap: list[tuple[float, int, K]] = []
         self._order = itertools.count()
+        # Keys fired lately, with the time of their last event, in firing order: a key in here with
+        # an event younger than debounce_s gets no leading edge. Pruned from the front as they age
+        # (firing order is close to last-event order, so what stays behind is short-lived), which
+        # bounds it by the keys with events in about the last ceiling.
+        self._fired: dict[K, float] = {}
+        # Keys due at once (leading edge), in arrival order, until the next pop_due. Apart from
+        # _pending so that they neither count towards a flood nor sit in the heap.
+        self._ready: dict[K, _Pending] = {}
+        self.leading = 0  # keys fired on their leading edge so far
 
-    def touch(self, key: K) -> None:
-        """Record an event for `key` now."""
+    @property
+    def debounce_s(self) -> float:
+        return self._debounce_s
+
+    def touch(self, key: K, leading: bool = True) -> None:
+        """Record an event for `key` now. With `leading` False the key never fires at once (a key
+        handed back for a later look: it waits out the quiet period like a key in a burst)."""
         now = self.clock()
         with self._lock:
             self._end_quiet_flood(now)
             self._stream_last = now
-            entry = self._pending.get(key)
+            entry = self._pending.get(key) or self._ready.get(key)
             if entry is not None:
+                # A ready key is read after this event anyway: the event only moves its quiet period.
                 entry.last = now
                 return
+            fired = self._fired.pop(key, None)
             entry = _Pending(first=now, last=now, order=next(self._order))
+            if leading and not self._flood and (fired is None or now - fired >= self._debounce_s):
+                self._ready[key] = entry
+                self.leading += 1
+                return
             self._pending[key] = entry
             heapq.heappush(self._heap, (self._deadline(entry), entry.order, key))
             if not self._flood and self._flood_keys is not None and len(self._pending) > self._flood_keys:
@@ -90,21 +118,29 @@ class Debouncer(Generic[K]):
         due: list[tuple[float, int, K]] = []
         with self._lock:
             self._end_quiet_flood(now)
+            for key, entry in self._ready.items():
+                self._fired[key] = entry.last
+                due.append((entry.first, entry.order, key))
+            self._ready.clear()
             while self._heap and self._heap[0][0] <= now:
                 _, order, key = heapq.heappop(self._heap)
                 entry = self._pending[key]
                 deadline = self._deadline(entry)
                 if deadline <= now:
                     del self._pending[key]
+                    self._fired[key] = entry.last
                     due.append((entry.first, order, key))
                 else:
                     heapq.heappush(self._heap, (deadline, order, key))
+            self._prune_fired(now)
         due.sort()
         return [key for _, _, key in due]
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a pending key, or None when nothing is pending."""
         with self._lock:
+            if self._ready:
+                return next(iter(self._ready.values())).first  # the oldest ready key: due already
             while self._heap:
                 stored, order, key = self._heap[0]
                 deadline = self._deadline(self._pending[key])
@@ -116,8 +152,10 @@ class Debouncer(Generic[K]):
     def flush(self) -> list[K]:
         """Remove and return every pending key, oldest first (shutdown, pause)."""
         with self._lock:
-            entries = sorted(self._pending.items(), key=lambda item: (item[1].first, item[1].order))
+            everything = [*self._pending.items(), *self._ready.items()]
+            entries = sorted(everything, key=lambda item: (item[1].first, item[1].order))
             self._pending.clear()
+            self._ready.clear()
             self._heap.clear()
             self._flood = False
         return [key for key, _ in entries]
@@ -134,7 +172,16 @@ class Debouncer(Generic[K]):
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + len(self._ready)
+
+    def _prune_fired(self, now: float) -> None:
+        horizon = now - self._debounce_s
+        fired = self._fired
+        while fired:
+            key = next(iter(fired))
+            if fired[key] > horizon:
+                return
+            del fired[key]
 
     def _deadline(self, entry: _Pending) -> float:
         if self._flood:
@@ -183,6 +230,17 @@ class DebounceThread(Generic[K]):
             self.debouncer.touch(key)
             if len(self.debouncer) != before:
                 self._wake.notify()
+
+    def later(self, keys: list[K]) -> None:
+        """Have these keys looked at again once the quiet period has passed, never at once (a
+        state.json that may be half-written, see daemon/inspection.py). Keys handed here after
+        stop() stay with the stopped debouncer: the next start's reconcile looks at them."""
+        if not keys:
+            return
+        with self._wake:
+            for key in keys:
+                self.debouncer.touch(key, leading=False)
+            self._wake.notify()
 
     def set_timing(self, debounce_s: float, max_delay_s: float, flood_keys: int | None = None) -> None:
         """Change the timing (config reload) and wake the thread, since deadlines may now be earlier."""
@@ -239,7 +297,7 @@ class DebounceThread(Generic[K]):
         except Exception:
             # The keys stay dirty: back into the debouncer, to be offered again after the quiet period.
             for key in keys:
-                self.debouncer.touch(key)
+                self.debouncer.touch(key, leading=False)
             if not self._sink_failing:
                 logger.exception(f"{self._name}: handing {len(keys)} keys on failed; they will be retried")
             self._sink_failing = True

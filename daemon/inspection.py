@@ -3,6 +3,16 @@
 Pure with respect to the database: it compares the folder with what the store says it last
 mirrored (`Known`) and returns a `Change`. Never writes to the project, never follows a
 symbolic link, never reads past `max_state_bytes`.
+
+A live sync runs on a key's first event, so it can read a state.json that an in-place writer is
+still writing (a writer that closes the file between parts sends an event per close). Such a file
+does not parse; if it was also modified less than the settle time ago, it is not recorded invalid
+but reported `Verdict.UNSETTLED`, and the caller must look again once the settle time has passed
+(the live path hands the key back to the debouncer, whose quiet period is the settle time). On that
+second look the same file is older than the settle time and is recorded invalid if it still does
+not parse; if it changed meanwhile, its own events bring it in. So a file that is only ever
+half-written for a moment raises no `invalid` / `recovered` pair, a truly broken file is still
+recorded within the quiet period, and the final content is never missed.
 """
 
 from __future__ import annotations
@@ -87,10 +97,16 @@ class Verdict(Enum):
     UNCHANGED = "unchanged"
     NO_STATE = "no_state"  # folder without state.json, and no live row to tombstone
     GONE = "gone"  # folder absent, and no live row
+    UNSETTLED = "unsettled"  # does not parse but was just modified: may be half-written, look again
 
 
-def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int) -> Change | Verdict:
+def inspect(
+    key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int, settle_ns: int = 0
+) -> Change | Verdict:
     """Decide what one session needs, reading state.json only when its stat says it changed.
+
+    With `settle_ns`, a state.json that does not parse and was modified less than that long ago is
+    `Verdict.UNSETTLED` rather than invalid (see the module docstring); 0 records it at once.
 
     An unchanged session costs two lstat calls (folder and state.json): the folder's mtime stands
     in for checking spec.md and plan.json.
@@ -98,7 +114,7 @@ def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: 
     A session invalid for a reason with no content to hash (a link, a FIFO, an unreadable file)
     is keyed by that reason instead, so it is written, logged and evented once, not on every
     pass; the checks themselves run every time, so a fix is seen at once."""
-    outcome = _inspect(key, sessions_dir, known, max_bytes)
+    outcome = _inspect(key, sessions_dir, known, max_bytes, settle_ns)
     if isinstance(outcome, Change) and outcome.invalid and outcome.state_hash is None and outcome.error:
         digest = "reason:" + hashlib.blake2b(outcome.error.encode(), digest_size=16).hexdigest()
         if known is not None and not known.deleted and known.invalid and known.state_hash == digest:
@@ -107,7 +123,9 @@ def inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: 
     return outcome
 
 
-def _inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int) -> Change | Verdict:
+def _inspect(
+    key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int, settle_ns: int
+) -> Change | Verdict:
     # Plain concatenation (sessions_dir is normalised): os.path.join costs as much as an lstat here.
     folder = f"{sessions_dir}/{key.slug}"
     live = known is not None and not known.deleted
@@ -178,6 +196,8 @@ def _inspect(key: SessionKey, sessions_dir: str, known: Known | None, max_bytes:
     try:
         document = decode_document(data)
     except InvalidStateError as exc:
+        if _settling(mtime_ns, settle_ns):
+            return Verdict.UNSETTLED
         return _invalid(key, probe, exc.reason, digest)
     mapped = map_state(document)
     error = "; ".join(mapped.field_errors) or None
@@ -209,6 +229,13 @@ def _read_limited(path: str, max_bytes: int) -> tuple[bytes, int, int]:
     finally:
         os.close(fd)
     return b"".join(chunks), max(st.st_size, max_bytes + 1 - remaining), st.st_mtime_ns
+
+
+def _settling(mtime_ns: int, settle_ns: int) -> bool:
+    """Whether a file modified at `mtime_ns` may still be being written. An mtime in the future
+    (a clock set back, a copied timestamp) counts as settled: otherwise it could defer forever."""
+    age = time.time_ns() - mtime_ns
+    return 0 <= age < settle_ns
 
 
 def _trusted_mtime(mtime_ns: int) -> int | None:

@@ -403,7 +403,13 @@ class Service:
 
     def _process(self, keys: Sequence[SessionKey]) -> BatchResult:
         self._hooks.wedge_if_named(keys)
-        return sync_batch(self.store, self.registry.refs(), keys, self.cfg.watch.max_state_bytes)
+        # A state.json that may be half-written waits out one quiet period, then is looked at again.
+        settle_s = self.debouncer.debounce_s
+        result = sync_batch(
+            self.store, self.registry.refs(), keys, self.cfg.watch.max_state_bytes, settle_s=settle_s
+        )
+        self.debounce.later(result.recheck)
+        return result
 
     def _published_batch(self, result: BatchResult) -> None:
         if result.events:

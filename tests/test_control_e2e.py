@@ -602,6 +602,9 @@ def test_cli_status_readable_and_json(daemon: Daemon, app: Path) -> None:
 def test_cli_commands_answered_by_the_daemon(daemon: Daemon, app: Path) -> None:
     state = write_state(app, "cli-1", doc("spec"))
     settle(daemon, lambda: phase(daemon, app, "cli-1") == "spec")
+    # The folder's creation had the leading edge; the rename into it may still be pending, and
+    # must not be what finds the unclosed write below.
+    assert daemon.wait_idle()
 
     resync = daemon.cli("resync", str(app), "--wait")
     assert resync.returncode == 0, resync.stdout

@@ -13,12 +13,15 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from watchdog.events import FileClosedNoWriteEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
 
 from tests.support.inotify_limits import (
     Sysctl,
@@ -142,6 +145,77 @@ def test_slow_write_ends_valid(db_url: str, tmp_path: Path, project: Path) -> No
         settle(db_url, [project])
 
 
+class ReadSpy(FileSystemEventHandler):
+    """Sees the daemon read a state.json: an inotify close-without-write on it by another process
+    (this test only writes it). Lets a test act right after a leading-edge read, without timing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = os.fspath(path)
+        self.read = threading.Event()
+        self._observer = Observer()
+        self._observer.schedule(self, os.path.dirname(self.path))
+
+    def on_closed_no_write(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedNoWriteEvent) and os.fsdecode(event.src_path) == self.path:
+            self.read.set()
+
+    def __enter__(self) -> ReadSpy:
+        self._observer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._observer.stop()
+        self._observer.join()
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-session", "mirrored-session"])
+def test_half_written_in_place_file_is_not_recorded_invalid(
+    db_url: str, tmp_path: Path, project: Path, existing: bool
+) -> None:
+    """An in-place writer that writes half the file, closes it, then writes the rest and closes it
+    again: the first close's leading-edge sync reads half a document. It must not be recorded
+    invalid (no `invalid` / `recovered` events, no warning), and the row must end with the final
+    content. The quiet period (the settle time) is 1 s so that a loaded machine cannot stretch the
+    writer's own gap between its two closes past it."""
+    folder = sessions_dir(project) / "half"
+    if existing:
+        write_state(project, "half", doc("before"))
+    else:
+        folder.mkdir(parents=True)
+    final = json.dumps(doc("after", phase="docs", status="complete")).encode()
+    with Daemon(tmp_path, db_url, projects=[project], debounce_ms=1000, max_delay_ms=2000) as daemon:
+        daemon.wait_started()
+        settle(db_url, [project])
+        with ReadSpy(folder / "state.json") as spy:
+            with (folder / "state.json").open("wb") as f:
+                f.write(final[: len(final) // 2])
+            assert spy.read.wait(5), "the daemon never read the half-written file"
+            with (folder / "state.json").open("ab") as f:
+                f.write(final[len(final) // 2 :])
+        settle(db_url, [project])
+        assert rows(db_url)[(str(project), "half")]["title"] == "after"
+        kinds = [e["kind"] for e in events(db_url) if e["slug"] == "half"]
+        assert "invalid" not in kinds and "recovered" not in kinds, kinds
+        assert "state.json is invalid" not in daemon.log()
+        assert daemon.stop() == 0
+
+
+def test_half_written_file_that_stays_broken_is_recorded_invalid(
+    db_url: str, tmp_path: Path, project: Path
+) -> None:
+    """The other side of the settle time: a file left half-written is recorded invalid once it
+    has been still for the quiet period, exactly once, keeping the last good mirror."""
+    write_state(project, "stuck", doc("good"))
+    with Daemon(tmp_path, db_url, projects=[project], **FAST) as daemon:
+        daemon.wait_started()
+        settle(db_url, [project])
+        (sessions_dir(project) / "stuck" / "state.json").write_bytes(b'{"topic": "cut sh')
+        settle(db_url, [project])  # the oracle wants the row marked invalid, with a sync_error
+        row = rows(db_url)[(str(project), "stuck")]
+        assert row["title"] == "good"
+        assert [e["kind"] for e in events(db_url) if e["slug"] == "stuck"].count("invalid") == 1
+
+
 # -- volume -------------------------------------------------------------------------------------
 
 
@@ -221,9 +295,18 @@ def test_database_outage_logs_once_and_converges_after(pg_url: str, tmp_path: Pa
 
 
 def test_sigterm_drains_pending_work_and_exits_0(db_url: str, tmp_path: Path, project: Path) -> None:
-    # A long quiet period: the changes are still in the debouncer when SIGTERM comes.
+    # A long quiet period: the changes are still in the debouncer when SIGTERM comes. The folders
+    # are there before, so that a session's first event is its state.json's.
+    for i in range(5):
+        (sessions_dir(project) / f"s{i}").mkdir()
     with Daemon(tmp_path, db_url, projects=[project], debounce_ms=20_000, max_delay_ms=30_000) as daemon:
         daemon.wait_started()
+        # Each session's first write is mirrored at once (the leading edge); rewritten within the
+        # quiet period, it waits on the trailing edge.
+        for i in range(5):
+            write_state(project, f"s{i}", doc(f"first {i}"))
+        settle(db_url, [project])
+        assert daemon.wait_idle()
         for i in range(5):
             write_state(project, f"s{i}", doc(f"pending {i}"))
         wait_for(lambda: daemon.status()["pending"] >= 5, timeout=SETTLE_S)
@@ -232,7 +315,7 @@ def test_sigterm_drains_pending_work_and_exits_0(db_url: str, tmp_path: Path, pr
         assert converged(db_url, [project])
         log = daemon.log()
         assert "stopping: draining 5 pending session(s)" in log
-        assert re.search(r"sessionsync stopped after \d+ s: \d+ batch\(es\), 5 row\(s\) written", log)
+        assert re.search(r"sessionsync stopped after \d+ s: \d+ batch\(es\), 10 row\(s\) written", log)
         assert "not written" not in log
 
 
