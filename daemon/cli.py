@@ -302,9 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+    def command(name: str, func: Command | None, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help, description=help)
-        p.set_defaults(func=func)
+        if func is not None:  # None: a group whose actions set their own (`db upgrade`)
+            p.set_defaults(func=func)
         return p
 
     json_help = "one JSON object per line (status: one indented object)"
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", metavar="STATUS", help="only sessions with this status (active, failed, ...)")
     p.add_argument("--json", action="store_true", help=json_help)
 
-    p = command("db", _no_action, "database maintenance")
+    p = command("db", None, "database maintenance")
     db_sub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     upgrade_help = "apply schema migrations"
     db_sub.add_parser("upgrade", parents=[common], help=upgrade_help, description=upgrade_help).set_defaults(
@@ -364,10 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="the checks as one indented JSON object")
     return parser
-
-
-def _no_action(args: argparse.Namespace, cfg: Config) -> int:
-    raise UsageError("name an action", "e.g. sessionsync db upgrade")
 
 
 # Commands answered by the running daemon: a broken config file must not stop them from
