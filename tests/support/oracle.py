@@ -8,8 +8,10 @@ and `converged()`, which compares that with the rows.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +190,72 @@ def converged(
                     f"{key}: {name} is {row[name]!r} in the database, {getattr(want, name)!r} in the file"
                 )
     return Convergence(problems)
+
+
+# -- phase times (for the session_phases view) --------------------------------------------------------
+
+# The one form of a phase time the contract reads (docs/database.md, "session_phases"): naive is UTC.
+_PHASE_TIME = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?(?:(Z)|([+-])(\d\d):(\d\d))?"
+)
+
+PhaseTimes = dict[str, tuple[datetime | None, datetime | None]]  # phase -> (started, completed)
+
+
+def phase_time(value: Any) -> datetime | None:
+    """A phase time as the contract reads it, in UTC; None for anything not in its form."""
+    if not isinstance(value, str):
+        return None
+    match = _PHASE_TIME.fullmatch(value)
+    if match is None:
+        return None
+    y, mo, d, h, mi, s, frac, _z, sign, oh, om = match.groups()
+    if (oh is not None and int(oh) > 23) or (om is not None and int(om) > 59):
+        return None
+    try:
+        naive = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), int((frac or "0").ljust(6, "0")))
+    except ValueError:
+        return None
+    offset = timedelta(hours=int(oh or 0), minutes=int(om or 0)) * (-1 if sign == "-" else 1)
+    return naive.replace(tzinfo=UTC) - offset
+
+
+def phase_times(doc: dict[str, Any]) -> PhaseTimes:
+    """Every phase of a readable document with a started or completed time: v2 `phase_history`
+    (any `<phase>_started_at` / `<phase>_completed_at` key), or v1 `phases.{spec,plan,build}`
+    (`finalized_at` completes spec and plan, `completed_at` build). A section of the wrong type has none."""
+    times: dict[str, list[datetime | None]] = {}
+    if "phase_history" in doc or "build_progress" in doc:
+        history = doc.get("phase_history")
+        for key, value in history.items() if isinstance(history, dict) else ():
+            found = re.fullmatch(r"(.+)_(started|completed)_at", key)
+            if found:
+                times.setdefault(found[1], [None, None])[found[2] == "completed"] = phase_time(value)
+    else:
+        phases = doc.get("phases")
+        if phases is not None and not _v1_phases_ok(phases):
+            return {}
+        for phase, done in (("spec", "finalized_at"), ("plan", "finalized_at"), ("build", "completed_at")):
+            entry = (phases or {}).get(phase) or {}
+            times[phase] = [phase_time(entry.get("started_at")), phase_time(entry.get(done))]
+    return {phase: (s, c) for phase, (s, c) in times.items() if s is not None or c is not None}
+
+
+def _v1_phases_ok(phases: Any) -> bool:
+    if not isinstance(phases, dict):
+        return False
+    for name in ("spec", "plan", "build"):
+        entry = phases.get(name)
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            return False
+        for key in ("started_at", "finalized_at", "completed_at"):
+            if entry.get(key) is not None and not isinstance(entry.get(key), str):
+                return False
+    return True
+
+
+def expected_from_bytes(data: bytes, max_state_bytes: int = MAX_STATE_BYTES) -> Expectation:
+    """What one state.json content says (for a session whose last good content is known)."""
+    return _expect(data, max_state_bytes)
