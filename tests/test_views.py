@@ -233,7 +233,7 @@ def documented_examples() -> list[tuple[str, str | None, str, list[list[str]]]]:
     found = []
     pending: list[tuple[str, str | None, str]] = []
     heading = ""
-    for match in re.finditer(r"(?m)^### (.+)$|^(PostgreSQL|SQLite)[^\n]*:\n\n```sql\n(.*?)```|^```sql\n(.*?)```|^```\n(.*?)```", section, re.S):
+    for match in re.finditer(r"(?m)^### ([^\n]+)$|^(PostgreSQL|SQLite)[^\n]*:\n\n```sql\n(.*?)```|^```sql\n(.*?)```|^```\n(.*?)```", section, re.S):
         title, dialect, tagged, plain, output = match.groups()
         if title:
             heading = title
@@ -268,12 +268,12 @@ def cell(value: Any) -> Any:
 def test_every_documented_example_query_returns_the_rows_the_docs_show(engine: Engine, mirror: Mirror) -> None:
     examples = documented_examples()
     assert len({h for h, _, _, _ in examples}) >= 5, examples
-    dialect = engine.dialect.name.replace("postgresql", "postgresql").replace("sqlite", "sqlite")
+    dialect = engine.dialect.name
     ran = 0
     for heading, only, sql, shown in examples:
         if only is not None and only != dialect:
             continue
-        got = [[cell(v) for v in row.values()] for row in query(engine, sql)]
+        got = [[cell(v) for v in row.values()] for row in query(engine, sql.replace(DOC_ROOT, str(mirror.root)))]
         want = [[cell(c.replace(DOC_ROOT, str(mirror.root))) for c in row] for row in shown]
         assert got == want, f"{heading}:\n{sql}"
         ran += 1
