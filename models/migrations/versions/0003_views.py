@@ -113,8 +113,8 @@ WITH raw AS (
                 ELSE (CASE WHEN substr(tz, 1, 1) = '-' THEN -1 ELSE 1 END)
                      * (CAST(substr(tz, 2, 2) AS INTEGER) * 60 + CAST(substr(tz, 5, 2) AS INTEGER)) END
                AS offset_min,
-           (body GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][T ][0-9][0-9]:[0-9][0-9]:[0-9][0-9]'
-            OR (body GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][T ][0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9]*'
+           (body GLOB '{DATETIME}'
+            OR (body GLOB '{DATETIME}.[0-9]*'
                 AND length(body) BETWEEN 21 AND 26
                 AND ltrim(substr(body, 21), '0123456789') = ''))
            AND (tz IN ('', 'Z') OR (CAST(substr(tz, 2, 2) AS INTEGER) < 24
@@ -145,7 +145,7 @@ SELECT session_id, project_id, project, slug, phase,
        strftime('%Y-%m-%d %H:%M:%S', c_epoch, 'unixepoch') || printf('.%06d', c_us) AS completed_at,
        ((c_epoch - s_epoch) * 1000000 + (c_us - s_us)) / 1000000.0 AS duration_s
 FROM phases
-"""
+""".replace("{DATETIME}", "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9][T ][0-9][0-9]:[0-9][0-9]:[0-9][0-9]")
 
 # Shape and field ranges are checked in the regular expression; nested CASEs keep make_timestamp
 # away from a day past the month's end (CASE is the one construct with a guaranteed order).
