@@ -93,7 +93,8 @@ class Reconciler:
 
     A failure is counted and kept on the job as its error; a transient one (the database went
     away) goes to `on_outage`, anything else is logged with its traceback. Either way the job is
-    queued again after a backoff that grows while failures repeat."""
+    queued again after a backoff that grows while failures repeat. `on_done` is told of every job
+    that ended, succeeded or not, once its `done` is set."""
 
     def __init__(
         self,
@@ -102,10 +103,12 @@ class Reconciler:
         on_outage: Callable[[Exception], None],
         stop: threading.Event,
         backoff: Backoff | None = None,
+        on_done: Callable[[ReconcileJob], None] = lambda _job: None,
     ) -> None:
         self._queue = queue
         self._run = run
         self._on_outage = on_outage
+        self._on_done = on_done
         self._stop = stop
         self._backoff = backoff or Backoff(*RETRY_BACKOFF_S)
         self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
@@ -132,8 +135,11 @@ class Reconciler:
                     self._on_outage(exc)
                 else:
                     logger.opt(exception=exc).error("reconcile ({}) failed", job.reason)
+                job.done.set()
+                self._on_done(job)
                 # Owed until it succeeds: try again after a pause, merged with anything newer.
                 self._stop.wait(self._backoff.next())
                 self._queue.request(job.projects, job.reason, job.forget)
-            finally:
+            else:
                 job.done.set()
+                self._on_done(job)

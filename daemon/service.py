@@ -1,8 +1,9 @@
 """The daemon: wires the parts, starts them in order and stops them in reverse.
 
-Start: database (migrated), single-instance lock, control socket, discovery, workers,
-debouncer, watcher, then the startup reconcile (the watcher is already collecting, so nothing
-written during the reconcile is missed), READY=1, the schedule and the watchdog pings.
+Start: single-instance lock, control socket, database (migrated), discovery, workers,
+debouncer, watcher, READY=1, the schedule and the watchdog pings. The start-up reconcile runs
+after READY=1, on the reconciler's thread: the watcher is already collecting, so nothing written
+during it is missed, and `status` says "starting: start-up reconcile" until it is done.
 Stop (SIGTERM/SIGINT): stop the schedule and the watcher, flush pending keys, drain the queue
 within a time limit, stop the control socket, close the database, one summary line.
 Signal handlers only set flags; the main thread does the work. The control socket's handlers
@@ -112,6 +113,7 @@ class Service:
             self._run_reconcile,
             on_outage=lambda exc: self.health.failed(exc, self.queue.pending()),
             stop=self._stop,
+            on_done=lambda _job: self._wake.set(),
         )
         self.socket_path = cfg.socket_path(self._env)
         self._instance_lock = InstanceLock(self.socket_path.parent, mask_secrets(cfg.database_url(self._env)))
@@ -147,22 +149,16 @@ class Service:
                 self.watcher.watch(ref.path, ref.sessions_dir)
             self._reconciler.start()
             freeze_long_lived()
-            self._startup_reconcile()
-            if self._stop.is_set():
-                return self._shutdown(started)
-            self.state = "running"
-            logger.info(
-                "sessionsync started: version {}, {} project(s), {} session(s), database {}, config {}, "
-                "roots {}, in {:.2f} s",
-                version(),
-                len(self.registry),
-                self.live_sessions,
-                self._database_label,
-                str(self.cfg.source) if self.cfg.source else "built-in defaults",
-                ", ".join(self.cfg.watch.roots) or "none",
-                time.monotonic() - started,
-            )
+            startup = self._startup_reconcile()
             self.notifier.ready(self.status_line())
+            if startup is None:
+                self._started(started)
+            else:
+                logger.info(
+                    "ready in {:.2f} s: watching {} project(s); the start-up reconcile runs now",
+                    time.monotonic() - started,
+                    len(self.registry),
+                )
             self.schedule.start(
                 self.cfg.schedule.reconcile_cron,
                 self.cfg.schedule.timezone,
@@ -174,16 +170,36 @@ class Service:
                 # shipped unit, well past SQLite's 30 s busy timeout, yet scaled down under test.
                 self.pinger = WatchdogPinger(self.notifier, interval, lambda: self.healthy(4 * interval))
                 self.pinger.start()
-            self._main_loop()
+            self._main_loop(startup, started)
             return self._shutdown(started)
         finally:
             self._restore_signals(previous)
 
-    def _main_loop(self) -> None:
+    def _started(self, started: float) -> None:
+        """The start-up reconcile is over (or was not needed): the summary line, and "running"."""
+        self.state = "running"
+        logger.info(
+            "sessionsync started: version {}, {} project(s), {} session(s), database {}, config {}, "
+            "roots {}, in {:.2f} s",
+            version(),
+            len(self.registry),
+            self.live_sessions,
+            self._database_label,
+            str(self.cfg.source) if self.cfg.source else "built-in defaults",
+            ", ".join(self.cfg.watch.roots) or "none",
+            time.monotonic() - started,
+        )
+
+    def _main_loop(self, startup: ReconcileJob | None, started: float) -> None:
+        """Until stopped: reloads, the STATUS= line, and the end of the start-up reconcile (the
+        reconciler wakes this loop when a job ends)."""
         last_status = ""
         while not self._stop.is_set():
             self._wake.wait(5.0)
             self._wake.clear()
+            if startup is not None and startup.done.is_set():
+                self._started(started)
+                startup = None
             if self._reload.is_set():
                 self._reload.clear()
                 self._apply_reload()
@@ -384,17 +400,16 @@ class Service:
         self._count_sessions()
         return summary
 
-    def _startup_reconcile(self) -> None:
+    def _startup_reconcile(self) -> ReconcileJob | None:
+        """Queue the start-up reconcile, unless it is off and not overdue; its job."""
         s = self.cfg.schedule
         last = self.store.last_full_reconcile()
         self.last_reconcile_at = last
         overdue = is_overdue(s.reconcile_cron, zone(s.timezone), last, datetime.now(zone(s.timezone)))
         if not (s.reconcile_on_start or overdue):
             self._count_sessions()
-            return
-        job = self._request_reconcile(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
-        while not job.done.wait(5.0) and not self._stop.is_set():
-            self.notifier.extend_timeout(30.0)  # a long first reconcile must not time the start out
+            return None
+        return self._request_reconcile(None, "start-up" if s.reconcile_on_start else "overdue at start-up")
 
     def _nightly(self) -> None:
         self._request_reconcile(None, "nightly")
@@ -471,8 +486,9 @@ class Service:
     def status_line(self) -> str:
         db = "ok" if self.health.ok else "DOWN"
         paused = ", PAUSED" if self.queue.paused else ""
+        starting = "" if self.state == "running" else f"{self.state}; "
         return (
-            f"{len(self.registry)} project(s), {self.live_sessions} session(s), "
+            f"{starting}{len(self.registry)} project(s), {self.live_sessions} session(s), "
             f"{self.queue.pending() + len(self.debouncer)} pending, database {db}{paused}"
         )
 

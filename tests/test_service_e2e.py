@@ -14,10 +14,12 @@ import time
 import tomllib
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from tests.support.notify import FakeSystemd
@@ -97,10 +99,15 @@ def test_ready_status_watchdog_then_stopping_and_exit_0(
         tmp_path, sqlite(tmp_path), projects=[project], env=systemd.env(watchdog_usec=1_000_000)
     ) as daemon:
         ready = systemd.until("READY=1")[-1]
-        status = field(ready, "STATUS")
-        assert "1 project(s)" in status
-        assert "1 session(s)" in status
-        assert titles(daemon.db_url) == {(str(project), "s1"): "one"}  # READY=1 follows the reconcile
+        assert "1 project(s)" in field(ready, "STATUS")
+        # READY=1 does not wait for the start-up reconcile; the STATUS= line says when it is over.
+        wait_for(
+            lambda: any(
+                f.startswith("STATUS=") and "1 session(s)" in f for got in systemd.pending() for f in got
+            ),
+            DEADLINE_S,
+        )
+        assert titles(daemon.db_url) == {(str(project), "s1"): "one"}
 
         systemd.until("WATCHDOG=1")
         first = time.monotonic()
@@ -111,6 +118,51 @@ def test_ready_status_watchdog_then_stopping_and_exit_0(
 
         assert daemon.stop() == 0
         systemd.until("STOPPING=1")
+
+
+@contextmanager
+def sessions_table_locked(pg_url: str) -> Iterator[None]:
+    """Hold off every write to the sessions table, as another client's long transaction would;
+    reads go through. (On SQLite every transaction, reads included, takes the write lock.)"""
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as held:
+            held.exec_driver_sql("LOCK TABLE sessions IN SHARE ROW EXCLUSIVE MODE")
+            yield
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_ready_comes_before_the_start_up_reconcile_and_a_write_during_it_is_kept(
+    tmp_path: Path, project: Path, systemd: FakeSystemd, pg_url: str
+) -> None:
+    """READY=1 and the control socket come once the watcher collects, not after the start-up
+    reconcile: here that reconcile cannot write at all until the test lets go of the table.
+    A session written meanwhile is the watcher's, and both reach their rows."""
+    write_state(project, "s1", doc("one"))
+    with Daemon(tmp_path, pg_url, projects=[project], env=systemd.env()) as daemon:
+        daemon.wait_started()
+        assert daemon.stop() == 0
+        systemd.pending()  # the first run's notifications
+        write_state(project, "s1", doc("changed while down"))
+        with sessions_table_locked(pg_url):
+            daemon.start()
+            ready = systemd.until("READY=1")[-1]
+            assert field(ready, "STATUS").startswith("starting: start-up reconcile; ")
+            assert daemon.status()["state"] == "starting: start-up reconcile"
+            write_state(project, "s2", doc("written during it"))
+            assert titles(pg_url) == {(str(project), "s1"): "one"}
+        daemon.wait_started()
+        wait_for(
+            lambda: (
+                titles(pg_url)
+                == {(str(project), "s1"): "changed while down", (str(project), "s2"): "written during it"}
+            ),
+            DEADLINE_S,
+        )
+        assert daemon.status()["state"] == "running"
+        assert daemon.stop() == 0
 
 
 def test_watchdog_pings_stop_while_a_worker_is_wedged(
