@@ -412,6 +412,8 @@ class Service:
         return result
 
     def _published_batch(self, result: BatchResult) -> None:
+        if result.retry:  # not readable now for a reason not their own: the workers try again
+            self.queue.submit(key for key, _ in result.retry)
         if result.events:
             self._publish(result.events)
 
