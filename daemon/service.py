@@ -68,7 +68,9 @@ class Service:
         self._env = dict(os.environ if env is None else env)
         self.started_at = time.time()
         self.notifier = Notifier(self._env)
-        self.engine = make_engine(cfg.database_url(self._env), own_folder=not cfg.database.url)
+        self.engine = make_engine(
+            cfg.database_url(self._env), own_folder=not cfg.database.url, timeout_s=cfg.database.timeout_s
+        )
         self.store = Store(self.engine)
         self.hub = EventHub()
         self.queue = WorkQueue()
@@ -629,6 +631,7 @@ class Service:
             name
             for name, a, b in (
                 ("[database] url", old.database_url(self._env), new.database_url(self._env)),
+                ("[database] timeout_s", old.database.timeout_s, new.database.timeout_s),
                 ("[workers] threads", old.workers.threads, new.workers.threads),
                 ("[control] socket", old.control.socket, new.control.socket),
             )

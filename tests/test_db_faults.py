@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from tests.support.databases import libpq_url
 from tests.support.oracle import converged
+from tests.support.proxy import TcpProxy, proxied_url, url_target
 from tests.support.runner import Daemon
 from tests.support.sessions import fixture_doc, write_state
 from tests.support.snapshot import session_rows
@@ -112,3 +114,32 @@ def test_a_revoked_privilege_is_a_database_fault_not_the_sessions(tmp_path: Path
     assert log.count("database back after") == 1, log
     assert "Traceback" not in log, log
     assert "refused this state" not in log, log
+
+
+def test_a_stalled_connection_is_noticed_shown_and_retried_on_a_fresh_one(
+    tmp_path: Path, pg_url: str
+) -> None:
+    project = tmp_path / "proj"
+    write_state(project, "before", fixture_doc("v2-spec"))
+    with TcpProxy(*url_target(pg_url)) as proxy:
+        url = proxied_url(pg_url, proxy.host, proxy.port)
+        with Daemon(tmp_path, url, projects=[project], debounce_ms=50, timeout_s=2) as daemon:
+            daemon.wait_started()
+            wait_for(lambda: converged(pg_url, [project]), timeout=10)
+            proxy.stall()
+            stalled_at = time.monotonic()
+            try:
+                write_state(project, "during", fixture_doc("v2-build"))
+                down = wait_for(lambda: None if (s := daemon.status())["database_ok"] else s, timeout=30)
+                assert time.monotonic() - stalled_at < 30
+                # The stalled connection is dropped; so is the fresh one, if the stall outlasts its connect.
+                reason = down["database"]["last_error"]
+                assert "stopped answering" in reason or "connection timeout expired" in reason, reason
+            finally:
+                proxy.restore()
+            wait_for(lambda: converged(pg_url, [project]), timeout=30)
+            wait_for(lambda: daemon.status()["database_ok"], timeout=10)
+            log = daemon.log()
+    assert log.count("database unavailable: ") == 1, log
+    assert log.count("database back after") == 1, log
+    assert "Traceback" not in log, log
