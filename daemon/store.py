@@ -229,6 +229,28 @@ class Store:
         self._tombstone = _Bulk(_TOMBSTONE, dialect)
         self._insert_events = _Bulk(_INSERT_EVENT, dialect, json_keys=("e_detail",))
         self._notify = _Bulk(_NOTIFY_ALL, dialect)
+        database = engine.url.database if self.dialect == "sqlite" else None
+        # The SQLite file and which file it was when last checked (see `file_replaced`).
+        self.file = os.path.abspath(database) if database and database != ":memory:" else None
+        self._file_id = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        if self.file is None:
+            return None
+        try:
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def remember_file(self) -> None:
+        """Take the SQLite file as it is now as the one the mirror lives in."""
+        self._file_id = self._identity()
+
+    def file_replaced(self) -> bool:
+        """Whether the SQLite file was deleted or replaced since `remember_file` (its open
+        connections would go on writing into the unlinked one, which nobody can read)."""
+        return self.file is not None and self._identity() != self._file_id
 
     def _upsert(self, columns: tuple[str, ...]) -> _Bulk:
         insert = self._insert(sessions)

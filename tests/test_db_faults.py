@@ -143,3 +143,24 @@ def test_a_stalled_connection_is_noticed_shown_and_retried_on_a_fresh_one(
     assert log.count("database unavailable: ") == 1, log
     assert log.count("database back after") == 1, log
     assert "Traceback" not in log, log
+
+
+def test_a_sqlite_file_deleted_under_the_daemon_is_rebuilt_with_every_session(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    for n in range(3):
+        write_state(project, f"s{n}", fixture_doc("v2-spec"))
+    database = tmp_path / "sessions.db"
+    url = f"sqlite:///{database}"
+    with Daemon(tmp_path, url, projects=[project], debounce_ms=50) as daemon:
+        daemon.wait_started()
+        wait_for(lambda: converged(url, [project]), timeout=10)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+        write_state(project, "after", fixture_doc("v2-build"))
+        wait_for(
+            lambda: daemon.log_count("was deleted or replaced under the running daemon") == 1, timeout=15
+        )
+        wait_for(lambda: converged(url, [project]), timeout=15)
+        log = daemon.log()
+    assert "Traceback" not in log, log
+    assert "refused this state" not in log, log
