@@ -15,9 +15,16 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
-from sessionsync.daemon.inspection import Action, Change, Known, Verdict, inspect
+from sessionsync.daemon.inspection import Action, Change, Known, Retry, Verdict, inspect
 from sessionsync.daemon.logs import session_log
-from sessionsync.daemon.store import ProjectRef, Store, WriteResult, is_transient
+from sessionsync.daemon.store import (
+    DatabaseFault,
+    ProjectRef,
+    Store,
+    WriteResult,
+    is_row_fault,
+    is_transient,
+)
 from sessionsync.models.keys import SessionKey
 
 
@@ -31,6 +38,9 @@ class BatchResult(WriteResult):
     # Sessions whose state.json may be half-written (Verdict.UNSETTLED): nothing was written for
     # them, and the caller must have them looked at again once the settle time has passed.
     recheck: list[SessionKey] = field(default_factory=list)
+    # Sessions that could not be looked at for a reason not their own (Retry: out of file
+    # descriptors...), with that reason: nothing was written; the caller tries them again later.
+    retry: list[tuple[SessionKey, str]] = field(default_factory=list)
 
     def add(self, other: WriteResult) -> None:
         for name in (f.name for f in fields(other) if f.name != "events"):
@@ -80,6 +90,8 @@ def inspect_batch(
             result.unchanged += 1
         elif outcome is Verdict.UNSETTLED:
             result.recheck.append(key)
+        elif isinstance(outcome, Retry):
+            result.retry.append((key, outcome.reason))
         elif outcome is Verdict.NO_STATE:
             result.no_state += 1
         elif isinstance(outcome, Change):
@@ -90,19 +102,49 @@ def inspect_batch(
 def write_changes(
     store: Store, changes: Sequence[tuple[ProjectRef, Change]], known: Mapping[SessionKey, Known]
 ) -> WriteResult:
-    """One transaction for the batch; if the database refuses one of its rows, one per session."""
+    """One transaction for the batch; if the database refuses it, one per session (see
+    `_write_one_by_one`). A fault of the database (`is_transient`) propagates: the caller retries."""
     result = BatchResult()
     try:
         result.add(store.write(changes, known))
     except Exception as exc:
-        if is_transient(exc) or len(changes) <= 1 or not isinstance(exc, sa_exc.SQLAlchemyError):
+        if is_transient(exc) or not isinstance(exc, sa_exc.SQLAlchemyError):
             raise
-        # A row the database refuses (a value it cannot store) must not hold back the others:
-        # write one by one and let only the refused session carry the error.
-        for one in changes:
-            result.add(_write_alone(store, one, known))
+        result.add(_write_one_by_one(store, changes, known))
     report_invalid(changes)
     return result
+
+
+def _write_one_by_one(
+    store: Store, changes: Sequence[tuple[ProjectRef, Change]], known: Mapping[SessionKey, Known]
+) -> BatchResult:
+    """Each session in a transaction of its own, so that a row the database refuses (a value it
+    cannot store) does not hold back the others: only the refused session carries the error. When
+    every row is refused, and not for a value of its own, the statement is what the database
+    refuses (privileges, a missing column...): a `DatabaseFault`, retried, blamed on no session."""
+    result = BatchResult()
+    refused: list[tuple[tuple[ProjectRef, Change], Exception]] = []
+    for one in changes:
+        try:
+            result.add(store.write([one], known))
+        except Exception as exc:
+            if is_transient(exc) or not isinstance(exc, sa_exc.SQLAlchemyError):
+                raise
+            refused.append((one, exc))
+    if refused and len(refused) == len(changes) and not all(is_row_fault(exc) for _, exc in refused):
+        raise DatabaseFault(f"the database refuses every write: {_cause(refused[0][1])}") from refused[0][1]
+    for (project, change), error in refused:
+        reason = f"the database refused this state ({_cause(error)})"
+        session_log(project.path, change.key.slug, folder_of(project, change.key.slug)).error("{}", reason)
+        stored = Change(change.key, Action.WRITE, change.probe, change.state_hash, None, None, reason[:2000])
+        result.add(store.write([(project, stored)], known))
+    return result
+
+
+def _cause(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    first = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {first[0] if first else ''}"
 
 
 def report_invalid(changes: Sequence[tuple[ProjectRef, Change]]) -> None:
@@ -148,22 +190,6 @@ def _storable(key: SessionKey, project: ProjectRef) -> bool:
 def folder_of(project: ProjectRef, slug: str) -> str:
     """The session's folder, as logs, `errors`, `sync` and the event stream name it."""
     return os.path.join(project.sessions_dir, slug)
-
-
-def _write_alone(
-    store: Store, one: tuple[ProjectRef, Change], known: Mapping[SessionKey, Known]
-) -> WriteResult:
-    project, change = one
-    try:
-        return store.write([one], known)
-    except Exception as exc:
-        if is_transient(exc) or not isinstance(exc, sa_exc.SQLAlchemyError):
-            raise
-        cause = getattr(exc, "orig", None) or exc
-        reason = f"the database refused this state ({type(cause).__name__}: {cause})"
-        session_log(project.path, change.key.slug, folder_of(project, change.key.slug)).error("{}", reason)
-        refused = Change(change.key, Action.WRITE, change.probe, change.state_hash, None, None, reason[:2000])
-        return store.write([(project, refused)], known)
 
 
 def load_known(

@@ -35,6 +35,8 @@ class _Section(BaseModel):
 class DatabaseConfig(_Section):
     url: str = ""
     auto_migrate: bool = True
+    # PostgreSQL: how long the server may take to answer before the connection counts as stalled.
+    timeout_s: float = Field(20.0, ge=1.0, le=600.0)
 
     @field_validator("url")
     @classmethod

@@ -91,6 +91,27 @@ class Change:
         return self.action is Action.WRITE and self.mapped is None
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """The folder could not be looked at for a reason that is not its own (the process is out of
+    file descriptors or memory, a call was interrupted): nothing is recorded, look again later."""
+
+    reason: str
+
+
+# Errors of the moment and of this process or machine, never of the file: retried, not recorded.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EINTR, errno.EAGAIN, errno.ETIMEDOUT}
+)
+
+
+def _own(exc: OSError) -> OSError:
+    """`exc` when it is the file's own fault; a transient error (TRANSIENT_ERRNOS) is raised again."""
+    if exc.errno in TRANSIENT_ERRNOS:
+        raise exc
+    return exc
+
+
 class Verdict(Enum):
     """Why inspect() returned no change, for reconcile summaries."""
 
@@ -102,7 +123,7 @@ class Verdict(Enum):
 
 def inspect(
     key: SessionKey, sessions_dir: str, known: Known | None, max_bytes: int, settle_ns: int = 0
-) -> Change | Verdict:
+) -> Change | Verdict | Retry:
     """Decide what one session needs, reading state.json only when its stat says it changed.
 
     With `settle_ns`, a state.json that does not parse and was modified less than that long ago is
@@ -113,8 +134,16 @@ def inspect(
 
     A session invalid for a reason with no content to hash (a link, a FIFO, an unreadable file)
     is keyed by that reason instead, so it is written, logged and evented once, not on every
-    pass; the checks themselves run every time, so a fix is seen at once."""
-    outcome = _inspect(key, sessions_dir, known, max_bytes, settle_ns)
+    pass; the checks themselves run every time, so a fix is seen at once.
+
+    An error that is not the folder's own (`TRANSIENT_ERRNOS`: out of file descriptors or memory)
+    records nothing: it is `Retry`, and the caller looks again later."""
+    try:
+        outcome = _inspect(key, sessions_dir, known, max_bytes, settle_ns)
+    except OSError as exc:
+        if exc.errno not in TRANSIENT_ERRNOS:
+            raise
+        return Retry(f"cannot read {sessions_dir}/{key.slug}: {exc.strerror or exc}")
     if isinstance(outcome, Change) and outcome.invalid and outcome.state_hash is None and outcome.error:
         digest = "reason:" + hashlib.blake2b(outcome.error.encode(), digest_size=16).hexdigest()
         if known is not None and not known.deleted and known.invalid and known.state_hash == digest:
@@ -134,7 +163,7 @@ def _inspect(
     except FileNotFoundError:
         return Change(key, Action.TOMBSTONE) if live else Verdict.GONE
     except OSError as exc:
-        return _invalid(key, None, f"cannot read session folder {folder}: {exc.strerror}")
+        return _invalid(key, None, f"cannot read session folder {folder}: {_own(exc).strerror}")
     if stat.S_ISLNK(st.st_mode):
         target = os.readlink(folder)
         return _invalid(key, None, f"session folder is a symbolic link to {target}; links are not followed")
@@ -147,7 +176,7 @@ def _inspect(
     except FileNotFoundError:
         return Change(key, Action.TOMBSTONE) if live else Verdict.NO_STATE
     except OSError as exc:
-        return _invalid(key, None, f"cannot stat {state_path}: {exc.strerror}")
+        return _invalid(key, None, f"cannot stat {state_path}: {_own(exc).strerror}")
     if stat.S_ISLNK(state_st.st_mode):
         return _invalid(key, None, "state.json is a symbolic link; links are not followed")
     if not stat.S_ISREG(state_st.st_mode):
@@ -175,7 +204,7 @@ def _inspect(
         data, size, mtime_ns = _read_limited(state_path, max_bytes)
     except OSError as exc:
         # No probe is kept, so the next event or reconcile tries again.
-        return _invalid(key, None, f"cannot read state.json: {exc.strerror or exc}")
+        return _invalid(key, None, f"cannot read state.json: {_own(exc).strerror or exc}")
     probe = Probe(size, _trusted_mtime(mtime_ns), spec, plan, dir_mtime)
     if size > max_bytes:
         digest = f"oversize:{size}:{mtime_ns}"

@@ -26,10 +26,10 @@ from loguru import logger
 from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
-from sessionsync.daemon.db import make_engine
+from sessionsync.daemon.db import make_engine, make_private
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
-from sessionsync.daemon.discovery import discover
+from sessionsync.daemon.discovery import ProjectPath, discover
 from sessionsync.daemon.early_signals import EarlySignals
 from sessionsync.daemon.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, ControlError, SessionSyncError
 from sessionsync.daemon.hub import EventHub
@@ -69,7 +69,9 @@ class Service:
         self._env = dict(os.environ if env is None else env)
         self.started_at = time.time()
         self.notifier = Notifier(self._env)
-        self.engine = make_engine(cfg.database_url(self._env), own_folder=not cfg.database.url)
+        self.engine = make_engine(
+            cfg.database_url(self._env), own_folder=not cfg.database.url, timeout_s=cfg.database.timeout_s
+        )
         self.store = Store(self.engine)
         self.hub = EventHub()
         self.queue = WorkQueue()
@@ -81,6 +83,7 @@ class Service:
         self.last_reconcile_at: datetime | None = None
         self.live_sessions = 0
         self._live_lock = threading.Lock()
+        self._rebuild_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload = threading.Event()
@@ -203,6 +206,12 @@ class Service:
             if self._reload.is_set():
                 self._reload.clear()
                 self._apply_reload()
+            try:
+                self._check_database_file()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.health.failed(exc, self.queue.pending())
             line = self.status_line()
             if line != last_status:
                 self.notifier.status(line)
@@ -295,6 +304,7 @@ class Service:
                     if before != after:
                         logger.info("database schema upgraded from {} to {}", before or "empty", after)
                 self.store.check_schema()
+                self.store.remember_file()
                 self.health.succeeded()
                 return True
             except Exception as exc:
@@ -304,6 +314,27 @@ class Service:
                 self.notifier.status(f"waiting for the database: {self.health.last_error}")
                 self._stop.wait(backoff.next())
         return False
+
+    def _check_database_file(self) -> None:
+        """A SQLite file deleted (or replaced) under the running daemon: its schema is rebuilt in
+        a new file, the projects registered again and everything mirrored by a full reconcile."""
+        if not self.store.file_replaced():
+            return
+        with self._rebuild_lock:
+            if not self.store.file_replaced() or self.store.file is None:
+                return
+            logger.warning(
+                "the database file {} was deleted or replaced under the running daemon: "
+                "rebuilding its schema and mirroring every session again",
+                self.store.file,
+            )
+            self.engine.dispose()
+            make_private(self.store.file, own_folder=not self.cfg.database.url)
+            upgrade(self.engine)
+            self.store.remember_file()
+            found = [ProjectPath(r.path, r.sessions_dir) for r in self.registry.refs().values()]
+            self.registry.add(register(self.store, found))
+            self._request_reconcile(None, "database file replaced")
 
     def _start_control(self) -> None:
         from sessionsync.daemon.control.handlers import build_handlers
@@ -365,6 +396,7 @@ class Service:
         self._request_reconcile(project, reason)
 
     def _run_reconcile(self, job: ReconcileJob) -> ReconcileSummary:
+        self._check_database_file()
         refs = self.registry.refs()
         chosen = [r for path, r in sorted(refs.items()) if job.projects is None or path in job.projects]
         summary = reconcile(
@@ -417,6 +449,7 @@ class Service:
     # -- work ---------------------------------------------------------------------------------
 
     def _process(self, keys: Sequence[SessionKey]) -> BatchResult:
+        self._check_database_file()
         self._hooks.wedge_if_named(keys)
         # A state.json that may be half-written waits out one quiet period, then is looked at again.
         settle_s = self.debouncer.debounce_s
@@ -427,6 +460,8 @@ class Service:
         return result
 
     def _published_batch(self, result: BatchResult) -> None:
+        if result.retry:  # not readable now for a reason not their own: the workers try again
+            self.queue.submit(key for key, _ in result.retry)
         if result.events:
             self._publish(result.events)
 
@@ -643,6 +678,7 @@ class Service:
             name
             for name, a, b in (
                 ("[database] url", old.database_url(self._env), new.database_url(self._env)),
+                ("[database] timeout_s", old.database.timeout_s, new.database.timeout_s),
                 ("[workers] threads", old.workers.threads, new.workers.threads),
                 ("[control] socket", old.control.socket, new.control.socket),
             )

@@ -152,11 +152,48 @@ class WritePlan:
     result: WriteResult
 
 
+class DatabaseFault(Exception):
+    """Every row of a batch refused, each alone, for the same reason: the database's fault (what it
+    allows, what it holds), not the sessions'. Retried with backoff like an outage."""
+
+
+# SQLSTATEs (whole classes by their first two characters) that refuse a statement whatever its rows
+# hold: the connection, a read-only or failed transaction, privileges, missing tables or columns,
+# resources (disk full, out of memory), the operator (shutdown, statement timeout), the server.
+_DATABASE_WIDE = (
+    "08", "25", "28", "3D", "3F", "40", "53", "54", "55", "57", "58", "XX",
+    "42501", "42P01", "42703", "42883", "42704",
+)  # fmt: skip
+# Classes of a value the database rejects: that row's own fault (a NUL byte, a number too large).
+_ROW_FAULT = ("22", "23")
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE of a database error, when it has one."""
+    code = getattr(getattr(exc, "orig", None) or exc, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Connection lost, database locked, server gone: worth retrying with backoff."""
+    """The database's fault, not a row's: connection lost, database locked or gone, a statement it
+    refuses for every row (privileges, read-only, disk full, a missing table). Worth retrying with
+    backoff, shown as an outage; never stored as a session's error."""
+    if isinstance(exc, DatabaseFault):
+        return True
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
+    code = sqlstate(exc)
+    if code is not None and code.startswith(_DATABASE_WIDE):
+        return True
     return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
+
+
+def is_row_fault(exc: BaseException) -> bool:
+    """A value the database rejects in this row: only that session's fault."""
+    code = sqlstate(exc)
+    if code is not None:
+        return code.startswith(_ROW_FAULT)
+    return isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError))
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +229,28 @@ class Store:
         self._tombstone = _Bulk(_TOMBSTONE, dialect)
         self._insert_events = _Bulk(_INSERT_EVENT, dialect, json_keys=("e_detail",))
         self._notify = _Bulk(_NOTIFY_ALL, dialect)
+        database = engine.url.database if self.dialect == "sqlite" else None
+        # The SQLite file and which file it was when last checked (see `file_replaced`).
+        self.file = os.path.abspath(database) if database and database != ":memory:" else None
+        self._file_id = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        if self.file is None:
+            return None
+        try:
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def remember_file(self) -> None:
+        """Take the SQLite file as it is now as the one the mirror lives in."""
+        self._file_id = self._identity()
+
+    def file_replaced(self) -> bool:
+        """Whether the SQLite file was deleted or replaced since `remember_file` (its open
+        connections would go on writing into the unlinked one, which nobody can read)."""
+        return self.file is not None and self._identity() != self._file_id
 
     def _upsert(self, columns: tuple[str, ...]) -> _Bulk:
         insert = self._insert(sessions)

@@ -165,6 +165,34 @@ def _short(exc: BaseException) -> str:
     return mask_secrets(str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__)
 
 
+class ReadHealth:
+    """Sessions that could not be read for a reason not their own (out of file descriptors...):
+    one line when the first is put back, one when the last of them has been read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: set[SessionKey] = set()
+        self._since = 0.0
+
+    def update(self, processed: Sequence[SessionKey], retry: Sequence[tuple[SessionKey, str]]) -> None:
+        with self._lock:
+            was_failing = bool(self._waiting)
+            self._waiting.difference_update(processed)
+            if retry and not was_failing:
+                self._since = time.monotonic()
+                logger.warning(
+                    "{}; {} session(s) put back and retried with backoff (not recorded as invalid)",
+                    retry[0][1],
+                    len(retry),
+                )
+            self._waiting.update(key for key, _ in retry)
+            if was_failing and not self._waiting:
+                logger.info(
+                    "session files can be read again after {:.1f} s; the sessions put back are written",
+                    time.monotonic() - self._since,
+                )
+
+
 class Workers:
     """`threads` threads taking up to `batch_size` keys each and writing them in one transaction."""
 
@@ -183,6 +211,7 @@ class Workers:
         self._publish = publish
         self._batch_size = batch_size
         self.health = health
+        self.reads = ReadHealth()
         self._backoff = backoff
         self._stop = threading.Event()
         self._threads = [
@@ -237,13 +266,19 @@ class Workers:
                 self._stop.wait(backoff.next())
                 continue
             del self._busy_since[me]
-            self.queue.done(keys)
-            backoff.reset()
+            retry = {key for key, _ in result.retry}
+            self.queue.done([key for key in keys if key not in retry])
+            self.queue.done(retry, retry=True)
+            self.reads.update(keys, result.retry)
             self.batches += 1
             self.written += result.written + result.tombstoned
             self.health.succeeded()
             if result.events:
                 self._publish(result.events)
+            if retry:
+                self._stop.wait(backoff.next())
+            else:
+                backoff.reset()
 
     def _failed(self, exc: Exception, keys: Sequence[SessionKey]) -> None:
         self.failures += 1

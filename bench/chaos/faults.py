@@ -1,6 +1,8 @@
 """The chaos run's faults, dealt and healed by operation counts: kill -9, SIGTERM mid-burst and
-SIGSTOP (the process channel); the database cut off or slow behind the proxy, or SQLite's write
-lock held (the database channel); an inotify queue overflow and running out of watches.
+SIGSTOP (the process channel); the database cut off, slow or stalled (bytes stop, the connection
+stays open) behind the proxy, or the daemon's role losing INSERT and UPDATE (PostgreSQL), or
+SQLite's write lock held, or its file deleted (the database channel); an inotify queue overflow
+and running out of watches.
 
 At most one fault per channel is open at a time. The inotify limits are the daemon's own, through
 the watcher's test seam (stand-in files), or with `real_sysctl` the machine's fs.inotify sysctls.
@@ -53,6 +55,7 @@ class Faults:
         proxy: TcpProxy | None,
         stand_ins: Path,
         real_sysctl: bool,
+        role: str | None = None,
     ) -> None:
         self.rng = rng
         self.out = out
@@ -63,6 +66,7 @@ class Faults:
         self.postgres = proxy is not None  # the proxy stands in front of PostgreSQL only
         self.stand_ins = stand_ins
         self.real_sysctl = real_sysctl
+        self.role = role  # PostgreSQL: the daemon's own login role, whose privileges db_revoke takes
         self.deck: list[str] = []
         self.proc_fault: _Fault | None = None  # process channel: kill9, sigterm, sigstop
         self.db_fault: _Fault | None = None  # database channel: db_cut, db_slow, db_lock
@@ -73,7 +77,10 @@ class Faults:
             # Dealt from a shuffled deck holding every kind: any run of that many faults meets
             # them all, in an order (and with overlaps) the seed decides.
             self.deck = ["kill9", "kill9", "sigterm", "sigstop", "overflow", "watch_limit"]
-            self.deck += ["db_cut", "db_cut", "db_slow"] if self.postgres else ["db_lock", "db_lock"]
+            if self.postgres:
+                self.deck += ["db_cut", "db_cut", "db_slow", "db_stall", "db_revoke"]
+            else:
+                self.deck += ["db_lock", "db_lock", "db_delete"]
             self.rng.shuffle(self.deck)
         kind = self.deck.pop()
         heal_at = self.out.ops + self.rng.randint(10, 150)
@@ -93,6 +100,15 @@ class Faults:
                 self._proxy().cut()
             elif kind == "db_slow":
                 self._proxy().slow(self.rng.uniform(0.02, 0.15))
+            elif kind == "db_stall":
+                self._proxy().stall()
+            elif kind == "db_revoke":
+                self._privileges("REVOKE INSERT, UPDATE ON ALL TABLES IN SCHEMA {} FROM {}")
+            elif kind == "db_delete":
+                # Nothing to heal: the daemon must notice, rebuild the file and mirror everything.
+                database = Path(make_url(self.db_url).database or "")
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{database}{suffix}").unlink(missing_ok=True)
             else:
                 self.db_fault.lock = self._sqlite_lock()
             return
@@ -134,8 +150,10 @@ class Faults:
         if fault is None:
             return
         self._mark(f"heal {fault.kind}")
-        if fault.kind == "db_cut":
+        if fault.kind in ("db_cut", "db_stall"):
             self._proxy().restore()
+        elif fault.kind == "db_revoke":
+            self._privileges("GRANT INSERT, UPDATE ON ALL TABLES IN SCHEMA {} TO {}")
         elif fault.kind == "db_slow":
             self._proxy().slow(0)
         elif fault.lock is not None:
@@ -166,6 +184,17 @@ class Faults:
     def _proxy(self) -> TcpProxy:
         assert self.proxy is not None
         return self.proxy
+
+    def _privileges(self, statement: str) -> None:
+        """Run a GRANT or REVOKE `statement` ({schema}, {role}) on the daemon's role, as an admin."""
+        import psycopg
+
+        from tests.support.databases import libpq_url
+
+        assert self.role is not None
+        schema = str(make_url(self.db_url).query["options"]).split("=", 1)[1]
+        with psycopg.connect(libpq_url(self.db_url), autocommit=True) as conn:
+            conn.execute(statement.format(schema, self.role).encode())
 
     def _sqlite_lock(self) -> sqlite3.Connection:
         """Another writer holding SQLite's write lock: the daemon's writes wait (busy timeout)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -15,12 +17,34 @@ from bench.chaos.faults import EXIT_DEADLINE_S, START_DEADLINE_S, Faults
 from bench.chaos.record import Outcome, mark
 from bench.chaos.workload import MAX_STATE_BYTES, Workload
 from sessionsync.daemon.testing_hooks import FALLBACK_SCAN_ENV
+from tests.support.databases import libpq_url
 from tests.support.inotify_limits import stand_in_env
 from tests.support.proxy import TcpProxy, proxied_url, url_target
 from tests.support.runner import Daemon
 
 DEFAULT_FAULT_GAP = (120, 400)
 CALM_FROM = 0.85  # the last 15 % of a run (of its seconds, or its --max-ops) has no faults
+
+
+@contextlib.contextmanager
+def _own_role(url: str, seed: int) -> Iterator[str]:
+    """A login role for the daemon, working in the run's schema: one whose privileges can be
+    taken away (a superuser's cannot). Dropped, with what it owns, afterwards."""
+    import psycopg
+
+    schema = str(make_url(url).query["options"]).split("=", 1)[1]
+    role = f"chaos_{seed}_{uuid.uuid4().hex[:8]}"
+    admin = libpq_url(url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN".encode())
+        conn.execute(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}".encode())
+    try:
+        yield role
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER".encode())
+            conn.execute(f"DROP OWNED BY {role}".encode())
+            conn.execute(f"DROP ROLE {role}".encode())
 
 
 class Chaos:
@@ -63,10 +87,13 @@ class Chaos:
         daemon_url = self.db_url
         proxy: TcpProxy | None = None
         with contextlib.ExitStack() as stack:
+            role: str | None = None
             if self.postgres:
+                role = stack.enter_context(_own_role(self.db_url, self.seed))
                 host, port = url_target(self.db_url)
                 proxy = stack.enter_context(TcpProxy(host, port))
-                daemon_url = proxied_url(self.db_url, proxy.host, proxy.port)
+                own = make_url(self.db_url).set(username=role, password=None)
+                daemon_url = proxied_url(own.render_as_string(hide_password=False), proxy.host, proxy.port)
             debounce = self.rng.choice((20, 50, 200))
             daemon = stack.enter_context(
                 Daemon(
@@ -85,6 +112,7 @@ class Chaos:
                     discover_interval_s=1,
                     discover_depth=3,
                     max_state_bytes=MAX_STATE_BYTES,
+                    timeout_s=3,  # a stalled connection is dropped after 3 s, not 20
                 )
             )
             faults = Faults(
@@ -96,6 +124,7 @@ class Chaos:
                 proxy,
                 self.stand_ins,
                 self.real_sysctl,
+                role,
             )
             self._operate(daemon, faults)
             faults.heal_all()

@@ -2,7 +2,9 @@
 
 The daemon's database URL points at the proxy's port (`proxied_url`). `cut()` breaks every open
 connection and refuses new ones (accepted, then closed at once) until `restore()`; `slow(seconds)`
-delays every chunk forwarded in either direction. Threads only: one accepting, two pumps per
+delays every chunk forwarded in either direction; `stall()` stops forwarding while keeping every
+connection open (new ones are accepted and stall too), as a network that stops moving bytes
+does, until `restore()`. Threads only: one accepting, two pumps per
 connection.
 """
 
@@ -56,6 +58,8 @@ class TcpProxy:
         self._pairs: set[_Pair] = set()
         self._cut = False
         self._delay = 0.0
+        self._flowing = threading.Event()  # cleared while stalled
+        self._flowing.set()
         self._closed = threading.Event()
         self.accepted = 0  # connections accepted, refused ones included
         self.refused = 0  # connections closed at once because the proxy was cut
@@ -80,10 +84,15 @@ class TcpProxy:
         for pair in pairs:
             pair.shutdown()
 
+    def stall(self) -> None:
+        """Stop forwarding in both directions, keeping the connections open, until `restore()`."""
+        self._flowing.clear()
+
     def restore(self) -> None:
-        """Let connections through again."""
+        """Let connections through again (after a cut or a stall)."""
         with self._lock:
             self._cut = False
+        self._flowing.set()
 
     def slow(self, seconds: float) -> None:
         """Delay each forwarded chunk by `seconds` (0 for none), in both directions."""
@@ -105,6 +114,7 @@ class TcpProxy:
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self._acceptor.join(timeout=5)
+        self._flowing.set()  # wake stalled pumps, which see the proxy closed
         with self._lock:
             pairs = list(self._pairs)
         for pair in pairs:
@@ -155,6 +165,10 @@ class TcpProxy:
                 # Latency is the feature here; the wait ends early when the proxy closes.
                 if delay and self._closed.wait(delay):
                     break
+                # Stalled: hold what came (the sender's kernel saw it acknowledged) and send nothing.
+                while not self._flowing.wait(0.05):
+                    if self._closed.is_set():
+                        return
                 dst.sendall(data)
         except OSError:
             pass
