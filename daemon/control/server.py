@@ -42,6 +42,7 @@ from sessionsync.daemon.errors import (
     ProjectNotFound,
 )
 from sessionsync.daemon.hub import EventHub, Subscription
+from sessionsync.daemon.instance_lock import LockFile
 from sessionsync.models.control import COMMANDS, ControlRequest
 
 Handler = Callable[[Any], dict[str, Any]]
@@ -104,6 +105,10 @@ class ControlServer:
         self._conns_lock = threading.Lock()
         self._numbers = itertools.count(1)
         self._stopping = threading.Event()
+        # Two daemons started at once on one socket must not both replace it (instance_lock.py).
+        self._lock = LockFile(
+            path.with_name(path.name + ".lock"), f"pid {os.getpid()}", f"the control socket {path}"
+        )
 
     @property
     def path(self) -> Path:
@@ -123,7 +128,12 @@ class ControlServer:
                 hint="set control.socket to a shorter path",
             )
         self._prepare_folder()
-        stale = self._check_existing_socket()
+        self._lock.acquire()
+        try:
+            stale = self._check_existing_socket()
+        except BaseException:
+            self._lock.release()
+            raise
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if stale:
@@ -136,6 +146,7 @@ class ControlServer:
             listener.setblocking(False)
         except OSError as e:
             listener.close()
+            self._lock.release()
             raise OperationalError(f"cannot listen on the control socket {self._path}: {e.strerror}") from e
         self._listener = listener
         self._wake_r, self._wake_w = os.pipe()
@@ -164,6 +175,7 @@ class ControlServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._unlink_socket()
+        self._lock.release()
         with self._conns_lock:
             conns = list(self._conns)
         for conn in conns:
