@@ -4,16 +4,25 @@ daemon in a subprocess."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
 from tests.support.databases import libpq_url
 from tests.support.oracle import converged
 from tests.support.runner import Daemon
 from tests.support.sessions import fixture_doc, write_state
 from tests.support.waiting import wait_for
+
+SESSIONSYNC = Path(sys.executable).parent / "sessionsync"
 
 
 def test_a_second_daemon_on_the_same_database_exits_naming_the_first(tmp_path: Path, db_url: str) -> None:
@@ -92,3 +101,73 @@ def test_a_daemon_whose_lock_another_took_meanwhile_stops(tmp_path: Path, pg_url
         log = daemon.log()
         assert "the other one" in log and "this daemon stops, the other one goes on" in log, log
         assert "Traceback" not in log
+
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody_tmp() -> Iterator[Path]:
+    """A folder owned by an unprivileged uid (no user account needed): the daemon runs as it."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv(1) to run a command as another uid")
+    folder = Path(tempfile.mkdtemp(prefix="ss-nobody-", dir="/tmp"))
+    os.chown(folder, NOBODY, NOBODY)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def _mkdir_as_nobody(path: Path, mode: int) -> None:
+    path.mkdir(mode=mode)
+    path.chmod(mode)
+    os.chown(path, NOBODY, NOBODY)
+
+
+@pytest.mark.parametrize("planted", ["socket-lock", "database-lock", "folder-of-another-user"])
+def test_a_link_planted_at_a_lock_path_is_refused_and_its_target_unchanged(
+    nobody_tmp: Path, planted: str
+) -> None:
+    project = nobody_tmp / "proj"
+    for folder in (project, project / "agents", project / "agents" / "sessions"):
+        _mkdir_as_nobody(folder, 0o755)
+    runtime = nobody_tmp / "run"
+    if planted == "folder-of-another-user":
+        runtime.mkdir(mode=0o777)  # root's, the attacker here, and open to everyone
+        runtime.chmod(0o777)
+    else:
+        _mkdir_as_nobody(runtime, 0o700)
+    state = nobody_tmp / "state"
+    _mkdir_as_nobody(state, 0o700)
+    # The daemon's own file, which the link would have it truncate and overwrite.
+    target = nobody_tmp / "precious.txt"
+    target.write_text("keep me\n")
+    os.chown(target, NOBODY, NOBODY)
+    link = (state / "sessions.db.lock") if planted == "database-lock" else (runtime / "control.sock.lock")
+    link.symlink_to(target)
+    os.lchown(link, NOBODY, NOBODY)
+    config = nobody_tmp / "c.toml"
+    config.write_text(
+        f'[database]\nurl = "sqlite:///{state / "sessions.db"}"\n'
+        f'[watch]\nprojects = ["{project}"]\nroots = []\n'
+        f'[control]\nsocket = "{runtime / "control.sock"}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SESSIONSYNC_", "XDG_"))}
+    setpriv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    out = subprocess.run(
+        [*setpriv, str(SESSIONSYNC), "run", "--config", str(config)],
+        env={**env, "HOME": str(nobody_tmp)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    if planted == "folder-of-another-user":
+        assert f"the control socket folder {runtime} is owned by uid 0" in out.stderr, out.stderr
+    else:
+        assert f"the lock file {link} is a symbolic link; refusing to use it" in out.stderr, out.stderr
+    assert target.read_text() == "keep me\n"
+    assert link.is_symlink()
