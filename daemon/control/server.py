@@ -43,6 +43,7 @@ from sessionsync.daemon.errors import (
 )
 from sessionsync.daemon.hub import EventHub, Subscription
 from sessionsync.daemon.instance_lock import LockFile
+from sessionsync.daemon.logs import mask_secrets
 from sessionsync.models.control import COMMANDS, ControlRequest
 
 Handler = Callable[[Any], dict[str, Any]]
@@ -347,9 +348,8 @@ class ControlServer:
             return encode_error("unavailable", str(e))
         except Exception as e:
             logger.opt(exception=e).error("control: {} failed", request.cmd)
-            return encode_error(
-                "internal", f"{request.cmd} failed: {type(e).__name__}: {e} (see the daemon log)"
-            )
+            why = mask_secrets(f"{type(e).__name__}: {e}")
+            return encode_error("internal", f"{request.cmd} failed: {why} (see the daemon log)")
         try:
             return encode_ok(result)
         except ProtocolError as e:
