@@ -316,7 +316,9 @@ class Service:
         from sessionsync.daemon.control.handlers import build_handlers
         from sessionsync.daemon.control.server import ControlServer
 
-        self.control = ControlServer(self.socket_path, build_handlers(self), self.hub)
+        self.control = ControlServer(
+            self.socket_path, build_handlers(self), self.hub, idle_timeout_s=self._hooks.control_idle_s
+        )
         self.control.start()
 
     # -- projects ---------------------------------------------------------------------------

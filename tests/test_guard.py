@@ -4,8 +4,11 @@ daemon in a subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -224,3 +227,74 @@ def test_a_password_shows_nowhere_whatever_it_holds(
     assert "***" in shown
     for form in {f for p in passwords for f in _password_forms(p)}:
         assert form not in shown, f"{form!r} in:\n{shown}"
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_control_socket_answers_while_a_thousand_idle_connections_are_held(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "agents" / "sessions").mkdir(parents=True)
+    env = {"SESSIONSYNC_TEST_CONTROL_IDLE_S": "3"}
+    with Daemon(
+        tmp_path, f"sqlite:///{tmp_path / 's.db'}", projects=[project], debounce_ms=50, env=env
+    ) as daemon:
+        daemon.wait_started()
+        subscriber = _connect(daemon.socket_path)
+        subscriber.sendall(b'{"cmd": "subscribe"}\n')
+        assert b'"subscribed"' in subscriber.recv(4096)
+        idle = [_connect(daemon.socket_path) for _ in range(1000)]
+        try:
+            shown = daemon.cli("status")
+            assert shown.returncode == 0, shown.stdout
+            # Every idle one is closed: the oldest to make room, the rest after the idle timeout.
+            wait_for(lambda: all(_closed_by_peer(s) for s in idle), timeout=30)
+        finally:
+            for sock in idle:
+                sock.close()
+        # The subscriber outlived the idle timeout and still gets its events.
+        write_state(project, "s1", fixture_doc("v2-spec"))
+        subscriber.settimeout(10)
+        assert b'"session.created"' in subscriber.recv(65536)
+        subscriber.close()
+        assert "Traceback" not in daemon.log()
+
+
+def test_a_connection_beyond_the_cap_with_nobody_idle_gets_busy(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "agents" / "sessions").mkdir(parents=True)
+    with Daemon(tmp_path, f"sqlite:///{tmp_path / 's.db'}", projects=[project]) as daemon:
+        daemon.wait_started()
+        subscribers = []
+        try:
+            for _ in range(256):  # the cap under any descriptor limit of 1024 or more
+                sock = _connect(daemon.socket_path)
+                sock.sendall(b'{"cmd": "subscribe"}\n')
+                subscribers.append(sock)
+            for sock in subscribers:
+                assert b'"subscribed"' in sock.recv(4096)
+            extra = _connect(daemon.socket_path)
+            extra.settimeout(10)
+            line = extra.recv(4096)
+            assert json.loads(line)["error"]["code"] == "busy", line
+            assert extra.recv(4096) == b""
+            extra.close()
+        finally:
+            for sock in subscribers:
+                sock.close()
+        # Once they are gone, the daemon answers again.
+        wait_for(lambda: daemon.cli("status").returncode == 0, timeout=20)
+        assert daemon.log_count("connections busy; refusing new ones") == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import resource
 import select
 import socket
 import stat
@@ -58,6 +59,14 @@ _SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 _SEND_BATCH = 256  # events written to a subscriber per system call when it is behind
 _STOP_JOIN_S = 5.0  # how long stop() waits for connection threads (a handler may be mid-call)
 _LAGGED = b'{"kind":"lagged"}\n'
+IDLE_TIMEOUT_S = 300.0  # a client silent this long between requests is hung up on
+
+
+def connection_cap() -> int:
+    """Connections served at once: well below the descriptor limit, which the database, the
+    inotify watches and the session files share."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(4, min(256, soft // 4)) if soft != resource.RLIM_INFINITY else 256
 
 
 class _Connection:
@@ -68,6 +77,7 @@ class _Connection:
         self.name = f"control-{number}"
         self.sub: Subscription | None = None
         self.thread: threading.Thread | None = None
+        self.idle_since: float | None = time.monotonic()  # None while in a request or subscribed
 
     def hang_up(self) -> None:
         # shutdown, unlike close, wakes this connection's threads blocked in recv or sendall.
@@ -88,6 +98,7 @@ class ControlServer:
         handlers: Mapping[str, Handler],
         hub: EventHub,
         allowed_uids: Collection[int] | None = None,
+        idle_timeout_s: float | None = None,
     ) -> None:
         unknown = sorted(set(handlers) - set(COMMANDS))
         if unknown:
@@ -106,6 +117,9 @@ class ControlServer:
         self._conns_lock = threading.Lock()
         self._numbers = itertools.count(1)
         self._stopping = threading.Event()
+        self._idle_timeout_s = idle_timeout_s or IDLE_TIMEOUT_S
+        self._cap = connection_cap()
+        self._full = False  # at the cap with nobody idle: said once until a connection is taken again
         # Two daemons started at once on one socket must not both replace it (instance_lock.py).
         self._lock = LockFile(
             path.with_name(path.name + ".lock"), f"pid {os.getpid()}", f"the control socket {path}"
@@ -279,8 +293,34 @@ class ControlServer:
             if failing:
                 logger.info("control: accepting connections again")
                 failing = False
-            sock.setblocking(True)
-            self._serve_in_thread(sock)
+            if self._admit(sock):
+                sock.setblocking(True)
+                self._serve_in_thread(sock)
+
+    def _admit(self, sock: socket.socket) -> bool:
+        """At the cap, a new client takes the place of the one idle longest; with nobody idle (all
+        in a request or subscribed) it gets one `busy` line and is closed."""
+        with self._conns_lock:
+            if len(self._conns) < self._cap:
+                idle = None
+            else:
+                waiting = [c for c in self._conns if c.idle_since is not None]
+                idle = min(waiting, key=lambda c: c.idle_since or 0.0, default=None)
+                if idle is None:
+                    if not self._full:
+                        logger.warning("control: {} connections busy; refusing new ones", len(self._conns))
+                        self._full = True
+                    with contextlib.suppress(OSError):
+                        sock.send(encode_error("busy", f"{len(self._conns)} connections busy; try again"))
+                    sock.close()
+                    return False
+                idle.idle_since = None  # taken once
+            if self._full:
+                logger.info("control: taking new connections again")
+                self._full = False
+        if idle is not None:
+            idle.hang_up()
+        return True
 
     def _serve_in_thread(self, sock: socket.socket) -> None:
         conn = _Connection(sock, next(self._numbers))
@@ -315,8 +355,13 @@ class ControlServer:
 
     def _serve_requests(self, conn: _Connection, reader: BufferedReader) -> None:
         while True:
+            conn.idle_since = time.monotonic()
+            conn.sock.settimeout(self._idle_timeout_s)
             try:
                 line = read_line(reader)
+            except TimeoutError:
+                logger.debug("control: hung up on {}, idle for {:.0f} s", conn.name, self._idle_timeout_s)
+                return
             except LineTooLong as e:
                 # The rest of an oversized line cannot be told from the next request: hang up.
                 logger.warning("control: hung up on a client that sent a line over {} bytes", MAX_LINE)
@@ -324,6 +369,8 @@ class ControlServer:
                 return
             if line is None:
                 return
+            conn.idle_since = None
+            conn.sock.settimeout(None)
             try:
                 request = parse_request(line)
             except ProtocolError as e:
