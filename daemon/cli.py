@@ -423,7 +423,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         return code
     except SessionSyncError as exc:
-        print(f"sessionsync: {exc}", file=sys.stderr)
+        from sessionsync.daemon.dburl import mask_known
+
+        print(f"sessionsync: {mask_known(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # The reader went away (`sessionsync status | head -1`): stop quietly, as cat would. Point

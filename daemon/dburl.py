@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, unquote
 
 # sqlalchemy.engine.url._parse_url's pattern.
 _URL = re.compile(
@@ -35,6 +36,12 @@ _DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("", "psycopg")}
 EXAMPLE = 'e.g. url = "postgresql+psycopg://me@localhost/sessions", or leave it empty for SQLite'
 
 
+# Query parameters that carry a password to libpq (`?password=...` works as well as `u:pw@`).
+_SECRET_PARAMS = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&]*)", re.IGNORECASE)
+# Shorter passwords are masked where they stand in a URL, but not wherever the text holds them.
+MIN_REMEMBERED = 4
+
+
 @dataclass(frozen=True)
 class _Parts:
     dialect: str
@@ -49,11 +56,49 @@ def _split(url: str) -> _Parts | None:
         return None
     dialect, _, driver = match["name"].partition("+")
     password = match.span("password") if match["password"] is not None else None
+    if password is not None:
+        # A raw '@' in the password: the parser ends it at the first '@' and takes the rest for
+        # the host, which no host name holds; hide up to the last one, as the user meant it.
+        host_end = match.end("ipv4host") if match["ipv4host"] is not None else password[1]
+        password = (password[0], max(password[1], url.rfind("@", password[1], host_end)))
     return _Parts(dialect, driver, password, match["port"])
 
 
+def _secrets(url: str) -> list[str]:
+    """Every password in `url`, as written and decoded."""
+    parts = _split(url)
+    found: list[str] = []
+    if parts is not None and parts.password is not None:
+        found.append(url[parts.password[0] : parts.password[1]])
+    query = url.partition("?")[2]
+    found += [m["secret"] for m in _SECRET_PARAMS.finditer("?" + query)]
+    found += [value for key, value in parse_qsl(query) if key.lower() == "password"]
+    return found
+
+
+_remembered: set[str] = set()
+
+
+def remember_passwords(url: str) -> None:
+    """Keep the passwords of a URL this process uses, in every form a text may quote them (as
+    written, decoded, encoded), so that `known_passwords` lets every output mask them."""
+    for secret in _secrets(url):
+        for form in (secret, unquote(secret), quote(unquote(secret), safe=""), quote(unquote(secret))):
+            if len(form) >= MIN_REMEMBERED:
+                _remembered.add(form)
+
+
+def mask_known(text: str) -> str:
+    """`text` with every remembered password shown as ***, longest first (one may hold another)."""
+    for secret in sorted(_remembered, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def check_url(url: str) -> None:
-    """Raise ValueError, saying what is allowed, for a URL the daemon could not use."""
+    """Raise ValueError, saying what is allowed, for a URL the daemon could not use. Every URL
+    sessionsync uses comes through here first: its passwords are remembered for masking."""
+    remember_passwords(url)
     parts = _split(url)
     if parts is None:
         raise ValueError(f"not a database URL; {EXAMPLE}")
@@ -69,9 +114,13 @@ def check_url(url: str) -> None:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password shown as ***; a text that is not a URL is returned as it is."""
+    """The URL with its passwords (user info and `?password=`) shown as ***; a text that is not
+    a URL is returned as it is."""
     parts = _split(url)
-    if parts is None or parts.password is None:
+    if parts is None:
         return url
-    start, end = parts.password
-    return f"{url[:start]}***{url[end:]}"
+    if parts.password is not None:
+        start, end = parts.password
+        url = f"{url[:start]}***{url[end:]}"
+    head, sep, query = url.partition("?")
+    return head + sep + _SECRET_PARAMS.sub(r"\g<head>***", "?" + query)[1:] if sep else url

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal, TextIO
 
 from loguru import logger
 
+from sessionsync.daemon.dburl import mask_known
 from sessionsync.daemon.errors import ConfigError
 from sessionsync.daemon.paths import escape_controls, shown_path
 
@@ -62,7 +63,11 @@ _KV_PASSWORD = re.compile(
 
 
 def mask_secrets(text: str) -> str:
-    """Hide passwords: postgresql://u:secret@h/db -> postgresql://u:***@h/db, password=x -> password=***."""
+    """Hide passwords: postgresql://u:secret@h/db -> postgresql://u:***@h/db, password=x -> password=***.
+
+    The patterns alone miss a password holding a space or a quote, or quoted by a driver in its
+    own words: every password of a URL this process uses is also masked wherever it appears."""
+    text = mask_known(text)
     if "://" in text:
         text = _URL_PASSWORD.sub(r"\g<head>***", text)
     return _KV_PASSWORD.sub(_mask_value, text)

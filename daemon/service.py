@@ -31,9 +31,16 @@ from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
 from sessionsync.daemon.discovery import ProjectPath, discover
 from sessionsync.daemon.early_signals import EarlySignals
-from sessionsync.daemon.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, ControlError, SessionSyncError
+from sessionsync.daemon.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    ControlError,
+    SessionSyncError,
+)
 from sessionsync.daemon.hub import EventHub
-from sessionsync.daemon.instance_lock import InstanceLock
+from sessionsync.daemon.instance_lock import database_lock, holder_text
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.project_registry import ProjectRegistry
@@ -119,7 +126,9 @@ class Service:
             on_done=lambda _job: self._wake.set(),
         )
         self.socket_path = cfg.socket_path(self._env)
-        self._instance_lock = InstanceLock(self.socket_path.parent, mask_secrets(cfg.database_url(self._env)))
+        # One daemon per database and host (instance_lock.py); losing it to another stops this one.
+        self._instance_lock = database_lock(self.engine, holder_text(self.socket_path), self._lost_lock)
+        self._exit_code = EXIT_OK
         self.control: Any = None
         self.state = "starting"  # what `status` says until the start-up reconcile is done
         self.pinger: WatchdogPinger | None = None
@@ -132,16 +141,17 @@ class Service:
             self._replay(early)
         started = time.monotonic()
         try:
-            # The lock and the socket come first, so that `status` answers ("starting: waiting for
-            # the database") while the database is still out of reach.
-            self._instance_lock.acquire()
+            # The socket comes first, so that `status` answers ("starting: waiting for the
+            # database") while the database, and the instance lock held there, is out of reach.
             self._start_control()
             self.state = "starting: waiting for the database"
-            if not self._wait_for_database():
-                self.control.stop()
-                self.engine.dispose()
-                self._instance_lock.release()
-                self._recent_errors.detach()
+            try:
+                waited = self._wait_for_database()
+            except BaseException:
+                self._close()
+                raise
+            if not waited:
+                self._close()
                 return EXIT_OK
             self.state = "starting: start-up reconcile"
             self._refresh_projects(initial=True)
@@ -229,11 +239,7 @@ class Service:
         drained = self.queue.join(DRAIN_TIMEOUT_S) if not self.queue.paused else False
         left = self.queue.pending() + self.queue.busy()
         self.workers.stop(timeout=5.0)
-        if self.control is not None:
-            self.control.stop()
-        self.engine.dispose()
-        self._instance_lock.release()
-        self._recent_errors.detach()
+        self._close()
         if not drained and left:
             logger.warning(
                 "stopped with {} session(s) not written (database down or paused); "
@@ -246,7 +252,21 @@ class Service:
             self.workers.batches,
             self.workers.written,
         )
-        return EXIT_OK
+        return self._exit_code
+
+    def _close(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+        if self._instance_lock is not None:
+            self._instance_lock.release()
+        self.engine.dispose()
+        self._recent_errors.detach()
+
+    def _lost_lock(self) -> None:
+        """Another daemon took the instance lock while ours was down: stop without writing more."""
+        self._exit_code = EXIT_FAILURE
+        self.queue.pause()  # a paused queue is not drained at shutdown
+        self.request_stop()
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -299,6 +319,9 @@ class Service:
         backoff = Backoff(*DATABASE_WAIT_BACKOFF_S)
         while not self._stop.is_set():
             try:
+                # Before the migration: a second daemon must not upgrade the first one's schema.
+                if self._instance_lock is not None:
+                    self._instance_lock.acquire()
                 if self.cfg.database.auto_migrate:
                     before, after = upgrade(self.engine)
                     if before != after:
@@ -340,7 +363,9 @@ class Service:
         from sessionsync.daemon.control.handlers import build_handlers
         from sessionsync.daemon.control.server import ControlServer
 
-        self.control = ControlServer(self.socket_path, build_handlers(self), self.hub)
+        self.control = ControlServer(
+            self.socket_path, build_handlers(self), self.hub, idle_timeout_s=self._hooks.control_idle_s
+        )
         self.control.start()
 
     # -- projects ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ so that the rest of the daemon holds no test-only code paths but these few calls
     SESSIONSYNC_TEST_WEDGE_SLUG          a worker that meets this slug blocks for good
     SESSIONSYNC_TEST_FALLBACK_SCAN_S     how often an unwatchable project is rescanned
     SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR  stand-ins for the inotify sysctls (inotify_faults.py)
+    SESSIONSYNC_TEST_CONTROL_IDLE_S      how long a silent control connection is kept
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ WEDGE_ENV = "SESSIONSYNC_TEST_WEDGE_SLUG"
 # exhausts the watches needs the rescan within its deadline.
 FALLBACK_SCAN_ENV = "SESSIONSYNC_TEST_FALLBACK_SCAN_S"
 DEFAULT_FALLBACK_SCAN_S = 30.0
+# Idle control connections are hung up on after 300 s; a test waits for that in seconds.
+CONTROL_IDLE_ENV = "SESSIONSYNC_TEST_CONTROL_IDLE_S"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class Hooks:
     wedge_slug: str = ""
     fallback_scan_s: float = DEFAULT_FALLBACK_SCAN_S
     inotify_faults: InotifyFaults | None = None
+    control_idle_s: float | None = None  # None: the server's own default
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Hooks:
@@ -41,6 +45,7 @@ class Hooks:
             wedge_slug=env.get(WEDGE_ENV, ""),
             fallback_scan_s=float(env.get(FALLBACK_SCAN_ENV) or DEFAULT_FALLBACK_SCAN_S),
             inotify_faults=InotifyFaults.from_env(env),
+            control_idle_s=float(env[CONTROL_IDLE_ENV]) if env.get(CONTROL_IDLE_ENV) else None,
         )
 
     def wedge_if_named(self, keys: Sequence[SessionKey]) -> None:

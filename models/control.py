@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-ErrorCode = Literal["bad_request", "unknown_command", "not_found", "unavailable", "internal"]
+ErrorCode = Literal["bad_request", "unknown_command", "not_found", "unavailable", "internal", "busy"]
 
 
 def _absolute(path: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import resource
 import select
 import socket
 import stat
@@ -42,6 +43,8 @@ from sessionsync.daemon.errors import (
     ProjectNotFound,
 )
 from sessionsync.daemon.hub import EventHub, Subscription
+from sessionsync.daemon.instance_lock import LockFile
+from sessionsync.daemon.logs import mask_secrets
 from sessionsync.models.control import COMMANDS, ControlRequest
 
 Handler = Callable[[Any], dict[str, Any]]
@@ -56,6 +59,14 @@ _SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 _SEND_BATCH = 256  # events written to a subscriber per system call when it is behind
 _STOP_JOIN_S = 5.0  # how long stop() waits for connection threads (a handler may be mid-call)
 _LAGGED = b'{"kind":"lagged"}\n'
+IDLE_TIMEOUT_S = 300.0  # a client silent this long between requests is hung up on
+
+
+def connection_cap() -> int:
+    """Connections served at once: well below the descriptor limit, which the database, the
+    inotify watches and the session files share."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(4, min(256, soft // 4)) if soft != resource.RLIM_INFINITY else 256
 
 
 class _Connection:
@@ -66,6 +77,7 @@ class _Connection:
         self.name = f"control-{number}"
         self.sub: Subscription | None = None
         self.thread: threading.Thread | None = None
+        self.idle_since: float | None = time.monotonic()  # None while in a request or subscribed
 
     def hang_up(self) -> None:
         # shutdown, unlike close, wakes this connection's threads blocked in recv or sendall.
@@ -86,6 +98,7 @@ class ControlServer:
         handlers: Mapping[str, Handler],
         hub: EventHub,
         allowed_uids: Collection[int] | None = None,
+        idle_timeout_s: float | None = None,
     ) -> None:
         unknown = sorted(set(handlers) - set(COMMANDS))
         if unknown:
@@ -104,6 +117,13 @@ class ControlServer:
         self._conns_lock = threading.Lock()
         self._numbers = itertools.count(1)
         self._stopping = threading.Event()
+        self._idle_timeout_s = idle_timeout_s or IDLE_TIMEOUT_S
+        self._cap = connection_cap()
+        self._full = False  # at the cap with nobody idle: said once until a connection is taken again
+        # Two daemons started at once on one socket must not both replace it (instance_lock.py).
+        self._lock = LockFile(
+            path.with_name(path.name + ".lock"), f"pid {os.getpid()}", f"the control socket {path}"
+        )
 
     @property
     def path(self) -> Path:
@@ -123,7 +143,12 @@ class ControlServer:
                 hint="set control.socket to a shorter path",
             )
         self._prepare_folder()
-        stale = self._check_existing_socket()
+        self._lock.acquire()
+        try:
+            stale = self._check_existing_socket()
+        except BaseException:
+            self._lock.release()
+            raise
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if stale:
@@ -136,6 +161,7 @@ class ControlServer:
             listener.setblocking(False)
         except OSError as e:
             listener.close()
+            self._lock.release()
             raise OperationalError(f"cannot listen on the control socket {self._path}: {e.strerror}") from e
         self._listener = listener
         self._wake_r, self._wake_w = os.pipe()
@@ -164,6 +190,7 @@ class ControlServer:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._unlink_socket()
+        self._lock.release()
         with self._conns_lock:
             conns = list(self._conns)
         for conn in conns:
@@ -266,8 +293,34 @@ class ControlServer:
             if failing:
                 logger.info("control: accepting connections again")
                 failing = False
-            sock.setblocking(True)
-            self._serve_in_thread(sock)
+            if self._admit(sock):
+                sock.setblocking(True)
+                self._serve_in_thread(sock)
+
+    def _admit(self, sock: socket.socket) -> bool:
+        """At the cap, a new client takes the place of the one idle longest; with nobody idle (all
+        in a request or subscribed) it gets one `busy` line and is closed."""
+        with self._conns_lock:
+            if len(self._conns) < self._cap:
+                idle = None
+            else:
+                waiting = [c for c in self._conns if c.idle_since is not None]
+                idle = min(waiting, key=lambda c: c.idle_since or 0.0, default=None)
+                if idle is None:
+                    if not self._full:
+                        logger.warning("control: {} connections busy; refusing new ones", len(self._conns))
+                        self._full = True
+                    with contextlib.suppress(OSError):
+                        sock.send(encode_error("busy", f"{len(self._conns)} connections busy; try again"))
+                    sock.close()
+                    return False
+                idle.idle_since = None  # taken once
+            if self._full:
+                logger.info("control: taking new connections again")
+                self._full = False
+        if idle is not None:
+            idle.hang_up()
+        return True
 
     def _serve_in_thread(self, sock: socket.socket) -> None:
         conn = _Connection(sock, next(self._numbers))
@@ -302,8 +355,13 @@ class ControlServer:
 
     def _serve_requests(self, conn: _Connection, reader: BufferedReader) -> None:
         while True:
+            conn.idle_since = time.monotonic()
+            conn.sock.settimeout(self._idle_timeout_s)
             try:
                 line = read_line(reader)
+            except TimeoutError:
+                logger.debug("control: hung up on {}, idle for {:.0f} s", conn.name, self._idle_timeout_s)
+                return
             except LineTooLong as e:
                 # The rest of an oversized line cannot be told from the next request: hang up.
                 logger.warning("control: hung up on a client that sent a line over {} bytes", MAX_LINE)
@@ -311,6 +369,8 @@ class ControlServer:
                 return
             if line is None:
                 return
+            conn.idle_since = None
+            conn.sock.settimeout(None)
             try:
                 request = parse_request(line)
             except ProtocolError as e:
@@ -335,9 +395,8 @@ class ControlServer:
             return encode_error("unavailable", str(e))
         except Exception as e:
             logger.opt(exception=e).error("control: {} failed", request.cmd)
-            return encode_error(
-                "internal", f"{request.cmd} failed: {type(e).__name__}: {e} (see the daemon log)"
-            )
+            why = mask_secrets(f"{type(e).__name__}: {e}")
+            return encode_error("internal", f"{request.cmd} failed: {why} (see the daemon log)")
         try:
             return encode_ok(result)
         except ProtocolError as e:
