@@ -223,6 +223,18 @@ def cmd_errors(args: argparse.Namespace, cfg: Config) -> int:
     return EXIT_OK
 
 
+def cmd_metrics(args: argparse.Namespace, cfg: Config) -> int:
+    result = _ask(cfg, {"cmd": "metrics"})
+    sys.stdout.write(result["text"])  # the exposition as it is, for a scraper or promtool
+    if result.get("projects_left_out"):
+        print(
+            f"sessionsync: {result['projects_left_out']} project(s) left out of sessionsync_live_sessions "
+            "to fit the reply; [metrics] listen or textfile has them all",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
 def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
     from sessionsync.daemon.control.client import stream
 
@@ -330,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("pause", cmd_pause, "hold database writes (changes stay queued)")
     command("resume", cmd_resume, "let held writes go")
 
+    command("metrics", cmd_metrics, "the running daemon's metrics, in Prometheus text format")
+
     p = command("errors", cmd_errors, "sessions whose state.json is invalid or has field problems, and why")
     p.add_argument("--json", action="store_true", help=json_help)
 
@@ -369,7 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands answered by the running daemon: a broken config file must not stop them from
 # reaching it (the daemon keeps the configuration it started with).
-_CLIENT_COMMANDS = {cmd_status, cmd_resync, cmd_sync, cmd_watch, cmd_pause, cmd_resume, cmd_errors}
+_CLIENT_COMMANDS = {
+    cmd_status,
+    cmd_resync,
+    cmd_sync,
+    cmd_watch,
+    cmd_pause,
+    cmd_resume,
+    cmd_errors,
+    cmd_metrics,
+}
 
 
 def _client_config(explicit: str | None, error: ConfigError) -> Config:

@@ -34,6 +34,7 @@ from sessionsync.daemon.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, Co
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.instance_lock import InstanceLock
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
+from sessionsync.daemon.metrics import DatabaseFacts, Metrics
 from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.recent_errors import RecentErrors
@@ -118,6 +119,7 @@ class Service:
         self.control: Any = None
         self.state = "starting"  # what `status` says until the start-up reconcile is done
         self.pinger: WatchdogPinger | None = None
+        self.metrics = Metrics(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -139,6 +141,7 @@ class Service:
                 self._recent_errors.detach()
                 return EXIT_OK
             self.state = "starting: start-up reconcile"
+            self.metrics.start(self.cfg.metrics)  # once the schema is there to be asked
             self._refresh_projects(initial=True)
             self.workers.start()
             self.debounce.start()
@@ -204,6 +207,7 @@ class Service:
         drained = self.queue.join(DRAIN_TIMEOUT_S) if not self.queue.paused else False
         left = self.queue.pending() + self.queue.busy()
         self.workers.stop(timeout=5.0)
+        self.metrics.stop()
         if self.control is not None:
             self.control.stop()
         self.engine.dispose()
@@ -357,7 +361,7 @@ class Service:
             self.cfg.watch.max_state_bytes,
             self.cfg.workers.batch_size,
             claim=self.queue.claim,
-            on_batch=self._published_batch,
+            on_batch=self._reconciled_batch,
         )
         self.health.succeeded()
         self.registry.remove(sorted(job.forget))
@@ -406,10 +410,20 @@ class Service:
         # A state.json that may be half-written waits out one quiet period, then is looked at again.
         settle_s = self.debouncer.debounce_s
         result = sync_batch(
-            self.store, self.registry.refs(), keys, self.cfg.watch.max_state_bytes, settle_s=settle_s
+            self.store,
+            self.registry.refs(),
+            keys,
+            self.cfg.watch.max_state_bytes,
+            settle_s=settle_s,
+            on_commit=self.metrics.observe_commit,
         )
+        self.metrics.tally.add("live", result)
         self.debounce.later(result.recheck)
         return result
+
+    def _reconciled_batch(self, result: BatchResult) -> None:
+        self.metrics.tally.add("reconcile", result)
+        self._published_batch(result)
 
     def _published_batch(self, result: BatchResult) -> None:
         if result.events:
@@ -429,7 +443,14 @@ class Service:
     def _sync_now(self, key: SessionKey) -> BatchResult:
         """Sync one session immediately (the control `sync` command), as its only writer."""
         with self.queue.claim([key]):
-            result = sync_batch(self.store, self.registry.refs(), [key], self.cfg.watch.max_state_bytes)
+            result = sync_batch(
+                self.store,
+                self.registry.refs(),
+                [key],
+                self.cfg.watch.max_state_bytes,
+                on_commit=self.metrics.observe_commit,
+            )
+        self.metrics.tally.add("sync", result)
         self._published_batch(result)
         return result
 
@@ -516,6 +537,27 @@ class Service:
             },
             "recent_errors": self._recent_errors.entries(),
         }
+
+    def metric_extras(self) -> dict[str, float]:
+        """What the metrics add to status's counters (daemon/metrics.py)."""
+        health = self.health
+        ongoing = 0.0 if health.ok else time.monotonic() - health.since
+        return {"keys_debounced": self.debounce.delivered, "database_outage_seconds": health.down_s + ongoing}
+
+    def database_facts(self) -> DatabaseFacts | None:
+        """Live sessions per project and the database's size; None while it cannot be asked."""
+        if not self.health.ok:
+            return None  # a scrape must not wait out a connect timeout
+        try:
+            return DatabaseFacts(self.store.live_sessions_by_project(), self.store.database_bytes())
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            return None
+
+    def metrics_reply(self, max_line: int) -> dict[str, Any]:
+        """The `metrics` command: the Prometheus text exposition."""
+        return self.metrics.for_control(max_line)
 
     def pause(self) -> dict[str, Any]:
         """Hold database writes; changes seen meanwhile stay queued."""

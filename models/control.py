@@ -93,6 +93,12 @@ class ErrorsRequest(ControlRequest):
     cmd: Literal["errors"]
 
 
+class MetricsRequest(ControlRequest):
+    """The Prometheus text exposition of the daemon's metrics."""
+
+    cmd: Literal["metrics"]
+
+
 REQUEST_TYPES: dict[str, type[ControlRequest]] = {
     "ping": PingRequest,
     "status": StatusRequest,
@@ -103,5 +109,6 @@ REQUEST_TYPES: dict[str, type[ControlRequest]] = {
     "resume": ResumeRequest,
     "subscribe": SubscribeRequest,
     "errors": ErrorsRequest,
+    "metrics": MetricsRequest,
 }
 COMMANDS: tuple[str, ...] = tuple(REQUEST_TYPES)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from sessionsync.daemon.control.protocol import MAX_LINE
 from sessionsync.models.control import ReconcileRequest, ResyncRequest, SyncRequest
 
 Reply = dict[str, Any]
@@ -32,6 +33,8 @@ class ServiceFacade(Protocol):
     def resume(self) -> Reply: ...
 
     def errors(self) -> Reply: ...
+
+    def metrics_reply(self, max_line: int) -> Reply: ...
 
 
 def build_handlers(service: ServiceFacade) -> dict[str, Callable[[Any], Reply]]:
@@ -59,6 +62,9 @@ def build_handlers(service: ServiceFacade) -> dict[str, Callable[[Any], Reply]]:
     def errors(_req: Any) -> Reply:
         return service.errors()
 
+    def metrics(_req: Any) -> Reply:
+        return service.metrics_reply(MAX_LINE)
+
     return {
         "ping": ping,
         "status": status,
@@ -68,4 +74,5 @@ def build_handlers(service: ServiceFacade) -> dict[str, Callable[[Any], Reply]]:
         "pause": pause,
         "resume": resume,
         "errors": errors,
+        "metrics": metrics,
     }
