@@ -105,14 +105,21 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     else:
         w = cfg.watch
         found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
+    from sessionsync.daemon.progress import terminal_progress
+
     store = _open_store(cfg)
     freeze_long_lived()
-    summary = _guard_database(
-        lambda: reconcile(
-            store, list(register(store, found).values()), cfg.watch.max_state_bytes, cfg.workers.batch_size
-        ),
-        cfg,
-    )
+    with terminal_progress(sys.stderr) as progress:  # None (nothing drawn) off a terminal
+        summary = _guard_database(
+            lambda: reconcile(
+                store,
+                list(register(store, found).values()),
+                cfg.watch.max_state_bytes,
+                cfg.workers.batch_size,
+                on_progress=progress,
+            ),
+            cfg,
+        )
     print(summary.line())
     return EXIT_OK
 
@@ -176,7 +183,7 @@ def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
         payload["all"] = True
     else:
         payload["projects"] = [os.path.abspath(p) for p in args.projects]
-    result = _ask(cfg, payload, timeout=630.0 if args.wait else 10.0)
+    result = _wait_with_progress(cfg, payload) if args.wait else _ask(cfg, payload)
     if "queued" in result:
         print("resync queued")
     else:
@@ -185,6 +192,19 @@ def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
             f"{result['changed']} changed, in {result['ms']} ms"
         )
     return EXIT_OK
+
+
+def _wait_with_progress(cfg: Config, payload: dict[str, Any]) -> dict[str, Any]:
+    """A waiting request, showing the daemon's progress lines when stderr is a terminal."""
+    from sessionsync.daemon.control.client import request_with_progress
+    from sessionsync.daemon.progress import terminal_progress
+
+    with terminal_progress(sys.stderr) as progress:
+        if progress is None:
+            return _ask(cfg, payload, timeout=630.0)
+        return request_with_progress(
+            cfg.socket_path(), {**payload, "progress": True}, progress, timeout=630.0
+        )
 
 
 def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:

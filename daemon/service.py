@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -36,6 +36,7 @@ from sessionsync.daemon.instance_lock import InstanceLock
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.metrics import DatabaseFacts, Metrics
 from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.progress import LogProgress
 from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.recent_errors import RecentErrors
 from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
@@ -50,10 +51,12 @@ from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
 
+Progress = Callable[[dict[str, Any]], None]  # hears `resync --wait` progress lines
 DRAIN_TIMEOUT_S = 30.0
 # Waiting at start-up for a database that cannot be reached: 1 s, doubling up to 30 s.
 DATABASE_WAIT_BACKOFF_S = (1.0, 30.0)
 WAIT_LIMIT_S = 600.0  # the longest a control request waits for its reconcile
+PROGRESS_EVERY_S = 0.5  # how often a waiting `resync --wait` client may hear of progress
 ERRORS_LIMIT = 100  # invalid sessions listed by `errors`; a reply line holds at most 64 KiB
 # How each event kind changes the number of live sessions shown by `status`.
 _LIVE_DELTA = {"session.created": 1, "session.restored": 1, "session.deleted": -1}
@@ -355,6 +358,12 @@ class Service:
     def _run_reconcile(self, job: ReconcileJob) -> ReconcileSummary:
         refs = self.registry.refs()
         chosen = [r for path, r in sorted(refs.items()) if job.projects is None or path in job.projects]
+        log_progress = LogProgress(f"reconciling ({job.reason})", self._hooks.progress_every_s)
+
+        def progress(done: int, total: int) -> None:
+            job.progress = (done, total)  # what `resync --wait` shows (control/handlers.py)
+            log_progress(done, total)
+
         summary = reconcile(
             self.store,
             chosen,
@@ -362,6 +371,7 @@ class Service:
             self.cfg.workers.batch_size,
             claim=self.queue.claim,
             on_batch=self._reconciled_batch,
+            on_progress=progress,
         )
         self.health.succeeded()
         self.registry.remove(sorted(job.forget))
@@ -569,19 +579,22 @@ class Service:
         self._reconciles.wake()  # a reconcile asked for while paused may start now
         return {"paused": False, "pending": self.queue.pending()}
 
-    def resync(self, projects: Sequence[str] | None, *, wait: bool) -> dict[str, Any]:
-        """Rescan these project folders, or (None) rediscover projects and rescan every one."""
+    def resync(
+        self, projects: Sequence[str] | None, *, wait: bool, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Rescan these project folders, or (None) rediscover projects and rescan every one.
+        With `progress`, a waiting request is told the pass's progress now and then."""
         if projects is None:
             self.rediscover()
-            return self._answer(self._request_reconcile(None, "resync --all"), wait)
+            return self._answer(self._request_reconcile(None, "resync --all"), wait, progress)
         unknown = self.registry.unknown(projects)
         if unknown:
             raise ControlError("not_found", f"no project at {', '.join(unknown)}")
         wanted = {os.path.realpath(p) for p in projects}
-        return self._answer(self._request_reconcile(wanted, "resync requested"), wait)
+        return self._answer(self._request_reconcile(wanted, "resync requested"), wait, progress)
 
-    def reconcile(self, *, wait: bool) -> dict[str, Any]:
-        return self._answer(self._request_reconcile(None, "reconcile requested"), wait)
+    def reconcile(self, *, wait: bool, progress: Progress | None = None) -> dict[str, Any]:
+        return self._answer(self._request_reconcile(None, "reconcile requested"), wait, progress)
 
     def sync(self, folder: str) -> dict[str, Any]:
         """Sync one session folder now; written (or found unchanged) before the reply."""
@@ -633,14 +646,22 @@ class Service:
             "more": max(0, len(rows) - ERRORS_LIMIT),
         }
 
-    def _answer(self, job: ReconcileJob, wait: bool) -> dict[str, Any]:
-        """The reply to a resync or reconcile: queued, or once `wait`ed for, its summary."""
+    def _answer(self, job: ReconcileJob, wait: bool, progress: Progress | None = None) -> dict[str, Any]:
+        """The reply to a resync or reconcile: queued, or once `wait`ed for, its summary; while
+        waiting, `progress` gets `{"kind": "progress", "seen", "total"}` each time it moved."""
         if not wait:
             return {"queued": True}
         if self.queue.paused:
             raise ControlError("unavailable", "writes are paused; run `sessionsync resume` first")
-        if not job.done.wait(WAIT_LIMIT_S):
-            raise ControlError("unavailable", f"the reconcile did not finish within {WAIT_LIMIT_S:.0f} s")
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        told = (0, 0)
+        every = min(PROGRESS_EVERY_S, self._hooks.progress_every_s) if progress else WAIT_LIMIT_S
+        while not job.done.wait(every):
+            if progress is not None and job.progress != told:
+                told = job.progress
+                progress({"kind": "progress", "seen": told[0], "total": told[1]})
+            if time.monotonic() >= deadline:
+                raise ControlError("unavailable", f"the reconcile did not finish within {WAIT_LIMIT_S:.0f} s")
         if job.summary is None:
             raise ControlError("unavailable", f"the reconcile failed: {job.error}; it will be retried")
         return dict(job.summary.as_dict())

@@ -6,6 +6,7 @@ so that the rest of the daemon holds no test-only code paths but these few calls
     SESSIONSYNC_TEST_WEDGE_SLUG          a worker that meets this slug blocks for good
     SESSIONSYNC_TEST_FALLBACK_SCAN_S     how often an unwatchable project is rescanned
     SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR  stand-ins for the inotify sysctls (inotify_faults.py)
+    SESSIONSYNC_TEST_PROGRESS_EVERY_S    how often a long reconcile logs its progress
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from sessionsync.daemon.inotify_faults import InotifyFaults
+from sessionsync.daemon.progress import LOG_EVERY_S
 from sessionsync.models.keys import SessionKey
 
 # A wedged worker: lets a test see WATCHDOG=1 stop while the other threads still run.
@@ -25,6 +27,8 @@ WEDGE_ENV = "SESSIONSYNC_TEST_WEDGE_SLUG"
 # exhausts the watches needs the rescan within its deadline.
 FALLBACK_SCAN_ENV = "SESSIONSYNC_TEST_FALLBACK_SCAN_S"
 DEFAULT_FALLBACK_SCAN_S = 30.0
+# A reconcile logs progress every 5 s once it has lasted that long; tests need no 5 s pass.
+PROGRESS_EVERY_ENV = "SESSIONSYNC_TEST_PROGRESS_EVERY_S"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Hooks:
     wedge_slug: str = ""
     fallback_scan_s: float = DEFAULT_FALLBACK_SCAN_S
     inotify_faults: InotifyFaults | None = None
+    progress_every_s: float = LOG_EVERY_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Hooks:
@@ -41,6 +46,7 @@ class Hooks:
             wedge_slug=env.get(WEDGE_ENV, ""),
             fallback_scan_s=float(env.get(FALLBACK_SCAN_ENV) or DEFAULT_FALLBACK_SCAN_S),
             inotify_faults=InotifyFaults.from_env(env),
+            progress_every_s=float(env.get(PROGRESS_EVERY_ENV) or LOG_EVERY_S),
         )
 
     def wedge_if_named(self, keys: Sequence[SessionKey]) -> None:

@@ -47,6 +47,7 @@ class ResyncRequest(ControlRequest):
     projects: list[str] = []
     all: bool = False
     wait: bool = False
+    progress: bool = False  # with wait: progress lines before the reply
 
     @field_validator("projects")
     @classmethod
@@ -75,6 +76,7 @@ class SyncRequest(ControlRequest):
 class ReconcileRequest(ControlRequest):
     cmd: Literal["reconcile"]
     wait: bool = False
+    progress: bool = False  # with wait: progress lines before the reply
 
 
 class PauseRequest(ControlRequest):
