@@ -692,6 +692,7 @@ class Service:
                 ("[database] url", old.database_url(self._env), new.database_url(self._env)),
                 ("[workers] threads", old.workers.threads, new.workers.threads),
                 ("[control] socket", old.control.socket, new.control.socket),
+                ("[metrics]", old.metrics, new.metrics),
             )
             if a != b
         ]
