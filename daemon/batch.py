@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -55,15 +55,19 @@ def sync_batch(
     max_bytes: int,
     known: Mapping[SessionKey, Known] | None = None,
     settle_s: float = 0.0,
+    on_commit: Callable[[Sequence[tuple[ProjectRef, Change]]], None] | None = None,
 ) -> BatchResult:
     """Sync these sessions now; keys of unknown projects are ignored. Transient database errors
     propagate (the caller retries the whole batch); anything else is isolated to its session.
     With `settle_s`, a just-modified state.json that does not parse is not recorded but put in
-    `result.recheck` (see daemon/inspection.py), and the caller owes it a look after settle_s."""
+    `result.recheck` (see daemon/inspection.py), and the caller owes it a look after settle_s.
+    `on_commit` sees the changes once committed (the write -> row latency metric)."""
     if known is None:
         known = load_known(store, projects, keys)
     result, changes = inspect_batch(projects, keys, max_bytes, known, settle_s)
     result.add(write_changes(store, changes, known))
+    if on_commit is not None:
+        on_commit(changes)
     return result
 
 

@@ -105,14 +105,21 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     else:
         w = cfg.watch
         found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
+    from sessionsync.daemon.progress import terminal_progress
+
     store = _open_store(cfg)
     freeze_long_lived()
-    summary = _guard_database(
-        lambda: reconcile(
-            store, list(register(store, found).values()), cfg.watch.max_state_bytes, cfg.workers.batch_size
-        ),
-        cfg,
-    )
+    with terminal_progress(sys.stderr) as progress:  # None (nothing drawn) off a terminal
+        summary = _guard_database(
+            lambda: reconcile(
+                store,
+                list(register(store, found).values()),
+                cfg.watch.max_state_bytes,
+                cfg.workers.batch_size,
+                on_progress=progress,
+            ),
+            cfg,
+        )
     print(summary.line())
     return EXIT_OK
 
@@ -176,7 +183,7 @@ def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
         payload["all"] = True
     else:
         payload["projects"] = [os.path.abspath(p) for p in args.projects]
-    result = _ask(cfg, payload, timeout=630.0 if args.wait else 10.0)
+    result = _wait_with_progress(cfg, payload) if args.wait else _ask(cfg, payload)
     if "queued" in result:
         print("resync queued")
     else:
@@ -185,6 +192,19 @@ def cmd_resync(args: argparse.Namespace, cfg: Config) -> int:
             f"{result['changed']} changed, in {result['ms']} ms"
         )
     return EXIT_OK
+
+
+def _wait_with_progress(cfg: Config, payload: dict[str, Any]) -> dict[str, Any]:
+    """A waiting request, showing the daemon's progress lines when stderr is a terminal."""
+    from sessionsync.daemon.control.client import request_with_progress
+    from sessionsync.daemon.progress import terminal_progress
+
+    with terminal_progress(sys.stderr) as progress:
+        if progress is None:
+            return _ask(cfg, payload, timeout=630.0)
+        return request_with_progress(
+            cfg.socket_path(), {**payload, "progress": True}, progress, timeout=630.0
+        )
 
 
 def cmd_sync(args: argparse.Namespace, cfg: Config) -> int:
@@ -220,6 +240,18 @@ def cmd_errors(args: argparse.Namespace, cfg: Config) -> int:
         print(f"{row['path']}: {what}: {row['sync_error']}")
     if result["more"]:
         print(f"... and {result['more']} more")
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace, cfg: Config) -> int:
+    result = _ask(cfg, {"cmd": "metrics"})
+    sys.stdout.write(result["text"])  # the exposition as it is, for a scraper or promtool
+    if result.get("projects_left_out"):
+        print(
+            f"sessionsync: {result['projects_left_out']} project(s) left out of sessionsync_live_sessions "
+            "to fit the reply; [metrics] listen or textfile has them all",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -330,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("pause", cmd_pause, "hold database writes (changes stay queued)")
     command("resume", cmd_resume, "let held writes go")
 
+    command("metrics", cmd_metrics, "the running daemon's metrics, in Prometheus text format")
+
     p = command("errors", cmd_errors, "sessions whose state.json is invalid or has field problems, and why")
     p.add_argument("--json", action="store_true", help=json_help)
 
@@ -369,7 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands answered by the running daemon: a broken config file must not stop them from
 # reaching it (the daemon keeps the configuration it started with).
-_CLIENT_COMMANDS = {cmd_status, cmd_resync, cmd_sync, cmd_watch, cmd_pause, cmd_resume, cmd_errors}
+_CLIENT_COMMANDS = {
+    cmd_status,
+    cmd_resync,
+    cmd_sync,
+    cmd_watch,
+    cmd_pause,
+    cmd_resume,
+    cmd_errors,
+    cmd_metrics,
+}
 
 
 def _client_config(explicit: str | None, error: ConfigError) -> Config:

@@ -129,6 +129,62 @@ class LogConfig(_Section):
         return level.upper() if isinstance(level, str) else level
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics: over HTTP (`listen`) and/or a node_exporter textfile; both off by default."""
+
+    listen: str = ""  # "HOST:PORT"; empty: no HTTP listener (`sessionsync metrics` still works)
+    allow_remote: bool = False  # a non-loopback `listen` address is refused unless this is true
+    textfile: str = ""  # a *.prom file rewritten atomically every textfile_interval_s
+    textfile_interval_s: int = Field(15, ge=1, le=3600)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        if listen:
+            split_listen(listen)  # raises ValueError naming the problem
+        return listen
+
+    @field_validator("textfile")
+    @classmethod
+    def _textfile(cls, textfile: str) -> str:
+        if not textfile:
+            return textfile
+        path = os.path.expanduser(textfile)
+        if not os.path.isabs(path) or not path.endswith(".prom"):
+            raise ValueError("must be an absolute path ending in .prom (node_exporter reads only those)")
+        return path
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> MetricsConfig:
+        if self.listen and not self.allow_remote and not is_loopback(split_listen(self.listen)[0]):
+            raise ValueError(
+                f"listen = {self.listen!r} is not a loopback address; metrics are served to this machine "
+                "only unless allow_remote = true"
+            )
+        return self
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464"; ValueError else."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT, such as 127.0.0.1:9464 or [::1]:9464 (port 0 to 65535)")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
 class Config(_Section):
     """The whole configuration; `source` is the file it came from (None: defaults only)."""
 
@@ -139,6 +195,7 @@ class Config(_Section):
     retention: RetentionConfig = RetentionConfig()
     control: ControlConfig = ControlConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: Path | None = None
 
     def database_url(self, env: Mapping[str, str] | None = None) -> str:

@@ -220,6 +220,7 @@ class DebounceThread(Generic[K]):
         self._stopping = False
         self._flush_on_stop = True
         self._sink_failing = False
+        self.delivered = 0  # keys handed to the sink so far
         self._thread: threading.Thread | None = None
 
     def touch(self, key: K) -> None:
@@ -294,6 +295,7 @@ class DebounceThread(Generic[K]):
             return
         try:
             self._sink(keys)
+            self.delivered += len(keys)
         except Exception:
             # The keys stay dirty: back into the debouncer, to be offered again after the quiet period.
             for key in keys:

@@ -68,6 +68,7 @@ class Probe:
     # The folder's own mtime, which moves whenever an entry is added, removed or renamed: while it
     # stands, spec.md and plan.json are as they were and need no check. None when too recent.
     dir_mtime_ns: int | None
+    read_mtime_ns: int = 0  # mtime of the state.json read (0: not read), for the latency metric
 
 
 class Action(Enum):
@@ -205,7 +206,7 @@ def _inspect(
     except OSError as exc:
         # No probe is kept, so the next event or reconcile tries again.
         return _invalid(key, None, f"cannot read state.json: {_own(exc).strerror or exc}")
-    probe = Probe(size, _trusted_mtime(mtime_ns), spec, plan, dir_mtime)
+    probe = Probe(size, _trusted_mtime(mtime_ns), spec, plan, dir_mtime, mtime_ns)
     if size > max_bytes:
         digest = f"oversize:{size}:{mtime_ns}"
         if live and known is not None and known.state_hash == digest:

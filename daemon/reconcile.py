@@ -9,6 +9,7 @@ next one's files are read (daemon/writer.py).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -139,15 +140,20 @@ def reconcile(
     batch_size: int,
     claim: Claim | None = None,
     on_batch: Callable[[BatchResult], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ReconcileSummary:
     """One full pass over `projects`; marks each project reconciled once its batches commit.
 
     `claim` (the daemon's work queue) holds each batch's keys so no worker writes them at the
-    same time; `on_batch` sees each committed batch (the daemon publishes its events)."""
+    same time; `on_batch` sees each committed batch (the daemon publishes its events);
+    `on_progress(done, total)` is told after each batch how many sessions are done of how many
+    (the folders on disk, counted first; rows whose folder vanished may take `done` past it)."""
     started = time.perf_counter()
     summary = ReconcileSummary(projects=len(projects))
     refs = {p.path: p for p in projects}
     hold = claim or (lambda _keys: nullcontext())
+    total = _count_folders(projects) if on_progress is not None else 0
+    done_keys = 0
 
     def finish(done: list[Submitted]) -> None:
         for batch in done:
@@ -157,6 +163,10 @@ def reconcile(
             summary.totals.add(result)
             if on_batch is not None:
                 on_batch(result)
+            if on_progress is not None:
+                nonlocal done_keys
+                done_keys += len(batch.keys)
+                on_progress(done_keys, max(total, done_keys))
 
     with ExitStack() as claims, open_writer(store) as writer:
         for chunk, preloaded in _batches(store, projects, batch_size, summary, preload=claim is None):
@@ -169,6 +179,15 @@ def reconcile(
     store.mark_reconciled([p.id for p in projects if p.path not in summary.unreadable], datetime.now(UTC))
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _count_folders(projects: Sequence[ProjectRef]) -> int:
+    """The session folders of these projects, for progress; one that cannot be listed counts 0."""
+    total = 0
+    for project in projects:
+        with contextlib.suppress(OSError):  # the pass itself says so
+            total += len(list_slugs(project.sessions_dir))
+    return total
 
 
 def _batches(

@@ -37,6 +37,7 @@ class ReconcileJob:
     done: threading.Event = field(default_factory=threading.Event)
     summary: ReconcileSummary | None = None
     error: str = ""
+    progress: tuple[int, int] = (0, 0)  # sessions done, of how many, while it runs
 
     def merge(self, projects: set[str] | None, reason: str, forget: Iterable[str]) -> None:
         """Widen this job to cover another request too; all projects absorbs any subset."""

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -42,7 +42,9 @@ from sessionsync.daemon.errors import (
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.instance_lock import database_lock, holder_text
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
+from sessionsync.daemon.metrics import DatabaseFacts, Metrics
 from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.progress import LogProgress
 from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.recent_errors import RecentErrors
 from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
@@ -57,10 +59,12 @@ from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
 
+Progress = Callable[[dict[str, Any]], None]  # hears `resync --wait` progress lines
 DRAIN_TIMEOUT_S = 30.0
 # Waiting at start-up for a database that cannot be reached: 1 s, doubling up to 30 s.
 DATABASE_WAIT_BACKOFF_S = (1.0, 30.0)
 WAIT_LIMIT_S = 600.0  # the longest a control request waits for its reconcile
+PROGRESS_EVERY_S = 0.5  # how often a waiting `resync --wait` client may hear of progress
 ERRORS_LIMIT = 100  # invalid sessions listed by `errors`; a reply line holds at most 64 KiB
 # How each event kind changes the number of live sessions shown by `status`.
 _LIVE_DELTA = {"session.created": 1, "session.restored": 1, "session.deleted": -1}
@@ -132,6 +136,7 @@ class Service:
         self.control: Any = None
         self.state = "starting"  # what `status` says until the start-up reconcile is done
         self.pinger: WatchdogPinger | None = None
+        self.metrics = Metrics(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -154,6 +159,7 @@ class Service:
                 self._close()
                 return EXIT_OK
             self.state = "starting: start-up reconcile"
+            self.metrics.start(self.cfg.metrics)  # once the schema is there to be asked
             self._refresh_projects(initial=True)
             self.workers.start()
             self.debounce.start()
@@ -239,6 +245,7 @@ class Service:
         drained = self.queue.join(DRAIN_TIMEOUT_S) if not self.queue.paused else False
         left = self.queue.pending() + self.queue.busy()
         self.workers.stop(timeout=5.0)
+        self.metrics.stop()
         self._close()
         if not drained and left:
             logger.warning(
@@ -424,13 +431,20 @@ class Service:
         self._check_database_file()
         refs = self.registry.refs()
         chosen = [r for path, r in sorted(refs.items()) if job.projects is None or path in job.projects]
+        log_progress = LogProgress(f"reconciling ({job.reason})", self._hooks.progress_every_s)
+
+        def progress(done: int, total: int) -> None:
+            job.progress = (done, total)  # what `resync --wait` shows (control/handlers.py)
+            log_progress(done, total)
+
         summary = reconcile(
             self.store,
             chosen,
             self.cfg.watch.max_state_bytes,
             self.cfg.workers.batch_size,
             claim=self.queue.claim,
-            on_batch=self._published_batch,
+            on_batch=self._reconciled_batch,
+            on_progress=progress,
         )
         self.health.succeeded()
         self.registry.remove(sorted(job.forget))
@@ -479,10 +493,20 @@ class Service:
         # A state.json that may be half-written waits out one quiet period, then is looked at again.
         settle_s = self.debouncer.debounce_s
         result = sync_batch(
-            self.store, self.registry.refs(), keys, self.cfg.watch.max_state_bytes, settle_s=settle_s
+            self.store,
+            self.registry.refs(),
+            keys,
+            self.cfg.watch.max_state_bytes,
+            settle_s=settle_s,
+            on_commit=self.metrics.observe_commit,
         )
+        self.metrics.tally.add("live", result)
         self.debounce.later(result.recheck)
         return result
+
+    def _reconciled_batch(self, result: BatchResult) -> None:
+        self.metrics.tally.add("reconcile", result)
+        self._published_batch(result)
 
     def _published_batch(self, result: BatchResult) -> None:
         if result.retry:  # not readable now for a reason not their own: the workers try again
@@ -504,7 +528,14 @@ class Service:
     def _sync_now(self, key: SessionKey) -> BatchResult:
         """Sync one session immediately (the control `sync` command), as its only writer."""
         with self.queue.claim([key]):
-            result = sync_batch(self.store, self.registry.refs(), [key], self.cfg.watch.max_state_bytes)
+            result = sync_batch(
+                self.store,
+                self.registry.refs(),
+                [key],
+                self.cfg.watch.max_state_bytes,
+                on_commit=self.metrics.observe_commit,
+            )
+        self.metrics.tally.add("sync", result)
         self._published_batch(result)
         return result
 
@@ -593,6 +624,27 @@ class Service:
             "recent_errors": self._recent_errors.entries(),
         }
 
+    def metric_extras(self) -> dict[str, float]:
+        """What the metrics add to status's counters (daemon/metrics.py)."""
+        health = self.health
+        ongoing = 0.0 if health.ok else time.monotonic() - health.since
+        return {"keys_debounced": self.debounce.delivered, "database_outage_seconds": health.down_s + ongoing}
+
+    def database_facts(self) -> DatabaseFacts | None:
+        """Live sessions per project and the database's size; None while it cannot be asked."""
+        if not self.health.ok:
+            return None  # a scrape must not wait out a connect timeout
+        try:
+            return DatabaseFacts(self.store.live_sessions_by_project(), self.store.database_bytes())
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            return None
+
+    def metrics_reply(self, max_line: int) -> dict[str, Any]:
+        """The `metrics` command: the Prometheus text exposition."""
+        return self.metrics.for_control(max_line)
+
     def pause(self) -> dict[str, Any]:
         """Hold database writes; changes seen meanwhile stay queued."""
         self.queue.pause()
@@ -603,19 +655,22 @@ class Service:
         self._reconciles.wake()  # a reconcile asked for while paused may start now
         return {"paused": False, "pending": self.queue.pending()}
 
-    def resync(self, projects: Sequence[str] | None, *, wait: bool) -> dict[str, Any]:
-        """Rescan these project folders, or (None) rediscover projects and rescan every one."""
+    def resync(
+        self, projects: Sequence[str] | None, *, wait: bool, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Rescan these project folders, or (None) rediscover projects and rescan every one.
+        With `progress`, a waiting request is told the pass's progress now and then."""
         if projects is None:
             self.rediscover()
-            return self._answer(self._request_reconcile(None, "resync --all"), wait)
+            return self._answer(self._request_reconcile(None, "resync --all"), wait, progress)
         unknown = self.registry.unknown(projects)
         if unknown:
             raise ControlError("not_found", f"no project at {', '.join(unknown)}")
         wanted = {os.path.realpath(p) for p in projects}
-        return self._answer(self._request_reconcile(wanted, "resync requested"), wait)
+        return self._answer(self._request_reconcile(wanted, "resync requested"), wait, progress)
 
-    def reconcile(self, *, wait: bool) -> dict[str, Any]:
-        return self._answer(self._request_reconcile(None, "reconcile requested"), wait)
+    def reconcile(self, *, wait: bool, progress: Progress | None = None) -> dict[str, Any]:
+        return self._answer(self._request_reconcile(None, "reconcile requested"), wait, progress)
 
     def sync(self, folder: str) -> dict[str, Any]:
         """Sync one session folder now; written (or found unchanged) before the reply."""
@@ -667,14 +722,22 @@ class Service:
             "more": max(0, len(rows) - ERRORS_LIMIT),
         }
 
-    def _answer(self, job: ReconcileJob, wait: bool) -> dict[str, Any]:
-        """The reply to a resync or reconcile: queued, or once `wait`ed for, its summary."""
+    def _answer(self, job: ReconcileJob, wait: bool, progress: Progress | None = None) -> dict[str, Any]:
+        """The reply to a resync or reconcile: queued, or once `wait`ed for, its summary; while
+        waiting, `progress` gets `{"kind": "progress", "seen", "total"}` each time it moved."""
         if not wait:
             return {"queued": True}
         if self.queue.paused:
             raise ControlError("unavailable", "writes are paused; run `sessionsync resume` first")
-        if not job.done.wait(WAIT_LIMIT_S):
-            raise ControlError("unavailable", f"the reconcile did not finish within {WAIT_LIMIT_S:.0f} s")
+        deadline = time.monotonic() + WAIT_LIMIT_S
+        told = (0, 0)
+        every = min(PROGRESS_EVERY_S, self._hooks.progress_every_s) if progress else WAIT_LIMIT_S
+        while not job.done.wait(every):
+            if progress is not None and job.progress != told:
+                told = job.progress
+                progress({"kind": "progress", "seen": told[0], "total": told[1]})
+            if time.monotonic() >= deadline:
+                raise ControlError("unavailable", f"the reconcile did not finish within {WAIT_LIMIT_S:.0f} s")
         if job.summary is None:
             raise ControlError("unavailable", f"the reconcile failed: {job.error}; it will be retried")
         return dict(job.summary.as_dict())
@@ -706,6 +769,7 @@ class Service:
                 ("[database] timeout_s", old.database.timeout_s, new.database.timeout_s),
                 ("[workers] threads", old.workers.threads, new.workers.threads),
                 ("[control] socket", old.control.socket, new.control.socket),
+                ("[metrics]", old.metrics, new.metrics),
             )
             if a != b
         ]

@@ -361,6 +361,26 @@ class Store:
                 ).scalar_one()
             )
 
+    def live_sessions_by_project(self) -> dict[str, int]:
+        """Live sessions of this host's projects, by project folder (every project, 0 included)."""
+        s, p = sessions.c, projects.c
+        live = func.count(s.id).filter(s.deleted_at.is_(None))
+        query = (
+            select(p.working_dir, live).select_from(projects.outerjoin(sessions)).where(p.host == self.host)
+        )
+        with self.engine.connect() as conn:
+            return {path: int(n) for path, n in conn.execute(query.group_by(p.working_dir))}
+
+    def database_bytes(self) -> int:
+        """The database's size: SQLite's pages, or PostgreSQL's pg_database_size."""
+        sql = (
+            "SELECT pg_database_size(current_database())"
+            if self.dialect == "postgresql"
+            else "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(text(sql)).scalar_one())
+
     def invalid_sessions(self) -> list[dict[str, Any]]:
         """Live sessions with a problem, and why: `kind` is "invalid" (state.json could not be
         read; the last good mirror is kept) or "fields" (fields of the wrong type stored as NULL);

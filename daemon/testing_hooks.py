@@ -7,6 +7,7 @@ so that the rest of the daemon holds no test-only code paths but these few calls
     SESSIONSYNC_TEST_FALLBACK_SCAN_S     how often an unwatchable project is rescanned
     SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR  stand-ins for the inotify sysctls (inotify_faults.py)
     SESSIONSYNC_TEST_CONTROL_IDLE_S      how long a silent control connection is kept
+    SESSIONSYNC_TEST_PROGRESS_EVERY_S    how often a long reconcile logs its progress
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from sessionsync.daemon.inotify_faults import InotifyFaults
+from sessionsync.daemon.progress import LOG_EVERY_S
 from sessionsync.models.keys import SessionKey
 
 # A wedged worker: lets a test see WATCHDOG=1 stop while the other threads still run.
@@ -28,6 +30,8 @@ FALLBACK_SCAN_ENV = "SESSIONSYNC_TEST_FALLBACK_SCAN_S"
 DEFAULT_FALLBACK_SCAN_S = 30.0
 # Idle control connections are hung up on after 300 s; a test waits for that in seconds.
 CONTROL_IDLE_ENV = "SESSIONSYNC_TEST_CONTROL_IDLE_S"
+# A reconcile logs progress every 5 s once it has lasted that long; tests need no 5 s pass.
+PROGRESS_EVERY_ENV = "SESSIONSYNC_TEST_PROGRESS_EVERY_S"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Hooks:
     fallback_scan_s: float = DEFAULT_FALLBACK_SCAN_S
     inotify_faults: InotifyFaults | None = None
     control_idle_s: float | None = None  # None: the server's own default
+    progress_every_s: float = LOG_EVERY_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Hooks:
@@ -46,6 +51,7 @@ class Hooks:
             fallback_scan_s=float(env.get(FALLBACK_SCAN_ENV) or DEFAULT_FALLBACK_SCAN_S),
             inotify_faults=InotifyFaults.from_env(env),
             control_idle_s=float(env[CONTROL_IDLE_ENV]) if env.get(CONTROL_IDLE_ENV) else None,
+            progress_every_s=float(env.get(PROGRESS_EVERY_ENV) or LOG_EVERY_S),
         )
 
     def wedge_if_named(self, keys: Sequence[SessionKey]) -> None:

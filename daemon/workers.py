@@ -132,6 +132,7 @@ class DatabaseHealth:
     last_error: str = ""
     outages: int = 0
     peak_waiting: int = 0
+    down_s: float = 0.0  # seconds spent in outages that have ended
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def failed(self, exc: BaseException, waiting: int) -> None:
@@ -155,6 +156,7 @@ class DatabaseHealth:
                     time.monotonic() - self.since,
                     self.peak_waiting,
                 )
+                self.down_s += time.monotonic() - self.since
                 self.ok, self.since, self.peak_waiting = True, time.monotonic(), 0
 
 

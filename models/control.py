@@ -47,6 +47,7 @@ class ResyncRequest(ControlRequest):
     projects: list[str] = []
     all: bool = False
     wait: bool = False
+    progress: bool = False  # with wait: progress lines before the reply
 
     @field_validator("projects")
     @classmethod
@@ -75,6 +76,7 @@ class SyncRequest(ControlRequest):
 class ReconcileRequest(ControlRequest):
     cmd: Literal["reconcile"]
     wait: bool = False
+    progress: bool = False  # with wait: progress lines before the reply
 
 
 class PauseRequest(ControlRequest):
@@ -93,6 +95,12 @@ class ErrorsRequest(ControlRequest):
     cmd: Literal["errors"]
 
 
+class MetricsRequest(ControlRequest):
+    """The Prometheus text exposition of the daemon's metrics."""
+
+    cmd: Literal["metrics"]
+
+
 REQUEST_TYPES: dict[str, type[ControlRequest]] = {
     "ping": PingRequest,
     "status": StatusRequest,
@@ -103,5 +111,6 @@ REQUEST_TYPES: dict[str, type[ControlRequest]] = {
     "resume": ResumeRequest,
     "subscribe": SubscribeRequest,
     "errors": ErrorsRequest,
+    "metrics": MetricsRequest,
 }
 COMMANDS: tuple[str, ...] = tuple(REQUEST_TYPES)

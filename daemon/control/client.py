@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from sessionsync.daemon.control.protocol import (
 from sessionsync.daemon.errors import DaemonNotRunning, OperationalError
 from sessionsync.daemon.paths import default_socket_path
 
-__all__ = ["default_socket_path", "request", "stream"]
+__all__ = ["default_socket_path", "request", "request_with_progress", "stream"]
 
 
 def request(path: Path, payload: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -78,16 +78,7 @@ def _connect(path: Path, payload: Mapping[str, Any], timeout: float) -> socket.s
 
 
 def _read_reply(path: Path, reader: BufferedReader, timeout: float) -> dict[str, Any]:
-    try:
-        line = _read_line(path, reader)
-    except TimeoutError as e:
-        raise OperationalError(f"the daemon at {path} did not answer within {timeout:g} s") from e
-    if line is None:
-        raise OperationalError(
-            f"the daemon at {path} hung up without answering",
-            hint="see its log: journalctl --user -u sessionsync",
-        )
-    return parse_reply(line)
+    return parse_reply(_read_reply_line(path, reader, timeout))
 
 
 def _read_line(path: Path, reader: BufferedReader) -> bytes | None:
@@ -99,3 +90,34 @@ def _read_line(path: Path, reader: BufferedReader) -> bytes | None:
         raise
     except OSError as e:
         raise OperationalError(f"the connection to the daemon at {path} broke: {e.strerror or e}") from e
+
+
+def request_with_progress(
+    path: Path, payload: Mapping[str, Any], on_progress: Callable[[int, int], None], timeout: float = 10.0
+) -> dict[str, Any]:
+    """`request` for a waiting resync or reconcile sent with `"progress": true`: each
+    `{"kind": "progress", "seen", "total"}` line before the reply goes to `on_progress`."""
+    with _connect(path, payload, timeout) as sock, sock.makefile("rb") as reader:
+        while True:
+            line = _read_reply_line(path, reader, timeout)
+            try:
+                update = json.loads(line)
+            except ValueError:
+                update = None
+            if isinstance(update, dict) and update.get("kind") == "progress":
+                on_progress(int(update.get("seen", 0)), int(update.get("total", 0)))
+                continue
+            return parse_reply(line)
+
+
+def _read_reply_line(path: Path, reader: BufferedReader, timeout: float) -> bytes:
+    try:
+        line = _read_line(path, reader)
+    except TimeoutError as e:
+        raise OperationalError(f"the daemon at {path} did not answer within {timeout:g} s") from e
+    if line is None:
+        raise OperationalError(
+            f"the daemon at {path} hung up without answering",
+            hint="see its log: journalctl --user -u sessionsync",
+        )
+    return line

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from sessionsync.daemon.control.protocol import MAX_LINE, Progressing
 from sessionsync.models.control import ReconcileRequest, ResyncRequest, SyncRequest
 
 Reply = dict[str, Any]
@@ -21,9 +22,11 @@ class ServiceFacade(Protocol):
 
     def status(self) -> Reply: ...
 
-    def resync(self, projects: Sequence[str] | None, *, wait: bool) -> Reply: ...
+    def resync(
+        self, projects: Sequence[str] | None, *, wait: bool, progress: Callable[[Reply], None] | None = None
+    ) -> Reply: ...
 
-    def reconcile(self, *, wait: bool) -> Reply: ...
+    def reconcile(self, *, wait: bool, progress: Callable[[Reply], None] | None = None) -> Reply: ...
 
     def sync(self, folder: str) -> Reply: ...
 
@@ -33,18 +36,25 @@ class ServiceFacade(Protocol):
 
     def errors(self) -> Reply: ...
 
+    def metrics_reply(self, max_line: int) -> Reply: ...
 
-def build_handlers(service: ServiceFacade) -> dict[str, Callable[[Any], Reply]]:
+
+def build_handlers(service: ServiceFacade) -> dict[str, Callable[[Any], Reply | Progressing]]:
     def ping(_req: Any) -> Reply:
         return {"pong": True, "pid": os.getpid()}
 
     def status(_req: Any) -> Reply:
         return service.status()
 
-    def resync(req: ResyncRequest) -> Reply:
-        return service.resync(None if req.all else req.projects, wait=req.wait)
+    def resync(req: ResyncRequest) -> Reply | Progressing:
+        projects = None if req.all else req.projects
+        if req.wait and req.progress:
+            return Progressing(lambda send: service.resync(projects, wait=True, progress=send))
+        return service.resync(projects, wait=req.wait)
 
-    def reconcile(req: ReconcileRequest) -> Reply:
+    def reconcile(req: ReconcileRequest) -> Reply | Progressing:
+        if req.wait and req.progress:
+            return Progressing(lambda send: service.reconcile(wait=True, progress=send))
         return service.reconcile(wait=req.wait)
 
     def sync(req: SyncRequest) -> Reply:
@@ -59,6 +69,9 @@ def build_handlers(service: ServiceFacade) -> dict[str, Callable[[Any], Reply]]:
     def errors(_req: Any) -> Reply:
         return service.errors()
 
+    def metrics(_req: Any) -> Reply:
+        return service.metrics_reply(MAX_LINE)
+
     return {
         "ping": ping,
         "status": status,
@@ -68,4 +81,5 @@ def build_handlers(service: ServiceFacade) -> dict[str, Callable[[Any], Reply]]:
         "pause": pause,
         "resume": resume,
         "errors": errors,
+        "metrics": metrics,
     }

@@ -8,7 +8,8 @@ are imported by `parse_request`, which only the daemon calls.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from sessionsync.daemon.errors import ControlError
@@ -96,6 +97,14 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
     if len(line) > MAX_LINE + 1:
         line = _frame({k: event[k] for k in _EVENT_CORE if k in event} | {"truncated": True})
     return line
+
+
+@dataclass(frozen=True)
+class Progressing:
+    """A handler's answer that streams: `run(send)` may `send` progress objects (each a line of
+    its own, before the reply) and returns the result. Only for requests that asked for it."""
+
+    run: Callable[[Callable[[Mapping[str, Any]], None]], dict[str, Any]]
 
 
 def _field_name(loc: tuple[int | str, ...]) -> str:

@@ -27,6 +27,7 @@ from loguru import logger
 from sessionsync.daemon.control.protocol import (
     MAX_LINE,
     LineTooLong,
+    Progressing,
     ProtocolError,
     encode_error,
     encode_event,
@@ -47,8 +48,9 @@ from sessionsync.daemon.instance_lock import LockFile
 from sessionsync.daemon.logs import mask_secrets
 from sessionsync.models.control import COMMANDS, ControlRequest
 
-Handler = Callable[[Any], dict[str, Any]]
-"""Takes the validated request model of its command (e.g. ResyncRequest) and returns the result.
+Handler = Callable[[Any], dict[str, Any] | Progressing]
+"""Takes the validated request model of its command (e.g. ResyncRequest) and returns the result
+(or a Progressing that sends progress lines, then returns it).
 
 Raise ControlError(code, message) for an error reply; ProjectNotFound and DatabaseUnavailable
 become `not_found` and `unavailable`, any other exception an `internal` reply (logged). The
@@ -379,14 +381,16 @@ class ControlServer:
             if request.cmd == "subscribe":
                 self._stream(conn, reader)
                 return
-            conn.sock.sendall(self._call(request))
+            conn.sock.sendall(self._call(request, conn.sock))
 
-    def _call(self, request: ControlRequest) -> bytes:
+    def _call(self, request: ControlRequest, sock: socket.socket) -> bytes:
         handler = self._handlers.get(request.cmd)
         if handler is None:
             return encode_error("unknown_command", f"this daemon does not handle {request.cmd!r}")
         try:
             result = handler(request)
+            if isinstance(result, Progressing):  # progress lines first (resync --wait)
+                result = result.run(lambda update: _send_quietly(sock, encode_event(update)))
         except ControlError as e:
             return encode_error(e.code, e.message)
         except ProjectNotFound as e:
@@ -452,6 +456,12 @@ def _encode_event(event: Mapping[str, Any]) -> bytes:
         # A publisher's bug must not end the stream; the log says which event was skipped.
         logger.error("control: skipped an event that is not JSON ({}): {}", event.get("kind"), e)
         return b""
+
+
+def _send_quietly(sock: socket.socket, line: bytes) -> None:
+    # A client gone mid-wait is noticed when the reply cannot be sent; its progress need not be.
+    with contextlib.suppress(OSError):
+        sock.sendall(line)
 
 
 def _peer_uid(sock: socket.socket) -> int:
