@@ -70,7 +70,7 @@ def test_a_hard_link_at_the_lock_path_is_refused_and_its_target_untouched(tmp_pa
 
 def test_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
     tmp_path.chmod(0o777)
-    with pytest.raises(ConfigError, match="is writable by every user"):
+    with pytest.raises(ConfigError, match="is writable by other users"):
         _lock(tmp_path).acquire()
     tmp_path.chmod(0o1777)  # sticky, as /tmp: others cannot replace our files there
     lock = _lock(tmp_path)
