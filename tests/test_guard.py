@@ -20,6 +20,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
+from sessionsync.daemon import dburl
 from tests.support.databases import libpq_url
 from tests.support.oracle import converged
 from tests.support.runner import Daemon
@@ -177,30 +178,51 @@ def test_a_link_planted_at_a_lock_path_is_refused_and_its_target_unchanged(
     assert link.is_symlink()
 
 
-# A password may hold any character: these are the ones a URL treats specially.
+# A password may hold any character: these are the ones a URL treats specially. A raw '@' or '%'
+# means something else in a URL, to the driver too: those are only ever written encoded.
 _PASSWORD_CHARS = ["/", "#", "?", " ", "@", ":", "%"]
+_RAW_CHARS = [c for c in _PASSWORD_CHARS if c not in "@%"]
 
 
 def _password_forms(password: str) -> set[str]:
     return {password, quote(password, safe=""), quote(password)}
 
 
+def _urls_with(chars: str, written: str) -> tuple[str, str, list[str]]:
+    """(user info, query, passwords) for a URL whose passwords hold `chars`, written "encoded" (one
+    percent-encoded in the user info, another in `?password=`) or "raw" (the user info only)."""
+    password, in_query = f"Zq{chars}wX7-secret", f"Yv{chars}kP4-secret"
+    if written == "encoded":
+        return quote(password, safe=""), f"password={quote(in_query, safe='')}", [password, in_query]
+    return password, "", [password]
+
+
 @pytest.mark.parametrize("written", ["encoded", "raw"])
 @pytest.mark.parametrize("char", _PASSWORD_CHARS)
-def test_a_password_shows_nowhere_whatever_it_holds(
-    tmp_path: Path, pg_url: str, char: str, written: str
-) -> None:
+def test_masking_hides_a_password_holding_any_special_character(char: str, written: str) -> None:
+    """Each special character alone, through the masking every output uses (the end-to-end test
+    below holds them all in one password)."""
+    if written == "raw" and char not in _RAW_CHARS:
+        pytest.skip("a raw '@' or '%' means something else in a URL: encode it")
+    userinfo, query, passwords = _urls_with(char, written)
+    url = f"postgresql+psycopg://postgres:{userinfo}@db.example/s" + (f"?{query}" if query else "")
+    dburl.check_url(url)  # every URL the daemon uses comes through here, which remembers it
+    said = f"cannot use {url}: " + " ".join(f"[{form}]" for p in passwords for form in _password_forms(p))
+    masked, masked_url = dburl.mask_known(said), dburl.mask_url(url)
+    assert "***" in masked and "***" in masked_url
+    for form in {f for p in passwords for f in _password_forms(p)}:
+        assert form not in masked, f"{form!r} in {masked!r}"
+        assert form not in masked_url, f"{form!r} in {masked_url!r}"
+
+
+@pytest.mark.parametrize("written", ["encoded", "raw"])
+def test_a_password_shows_nowhere_whatever_it_holds(tmp_path: Path, pg_url: str, written: str) -> None:
     """Every output path, on a server that answers and on one that does not: start-up line, log,
-    `status` (text and --json), `doctor`, `db upgrade`, `check-config`, `sessions`.
-    "encoded": one password percent-encoded in the user info, another in `?password=`."""
-    if written == "raw" and char in "@%":
-        pytest.skip("a raw '@' or '%' means something else in a URL, to the driver too: encode it")
-    password, in_query = f"Zq{char}wX7-secret", f"Yv{char}kP4-secret"
-    if written == "encoded":
-        userinfo, query = quote(password, safe=""), f"password={quote(in_query, safe='')}"
-        passwords = [password, in_query]
-    else:
-        userinfo, query, passwords = password, "", [password]
+    `status` (text and --json), `doctor`, `db upgrade`, `check-config`, `sessions`; with every
+    special character in one password."""
+    userinfo, query, passwords = _urls_with(
+        "".join(_PASSWORD_CHARS if written == "encoded" else _RAW_CHARS), written
+    )
     good = pg_url.replace("postgresql+psycopg://postgres@", f"postgresql+psycopg://postgres:{userinfo}@", 1)
     good += f"&{query}" if query else ""
     bad = f"postgresql+psycopg://postgres:{userinfo}@127.0.0.1:1/nowhere" + (f"?{query}" if query else "")
