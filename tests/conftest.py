@@ -12,6 +12,10 @@ have been left to the garbage collector: see tests.support.leaks.
 Tests marked `sysctl` lower machine-wide inotify settings for a moment, under every process on the
 box; they run only with SESSIONSYNC_TEST_SYSCTL=1 (CI sets it). Whatever runs, the session fails
 if any inotify setting differs at the end from what it was at the start.
+
+The suite runs in parallel worker processes (pytest-xdist, `-n` in pyproject's addopts). A `sysctl`
+test runs alone all the same: it holds the run's machine lock exclusively, every other test holds
+it shared (tests.support.machine_lock).
 """
 
 from __future__ import annotations
@@ -26,11 +30,29 @@ import pytest
 from tests.support.databases import libpq_url, postgres_schema
 from tests.support.inotify_limits import inotify_sysctls
 from tests.support.leaks import ConnectionLedger
+from tests.support.machine_lock import MachineLock
 from tests.support.newuser import NewUser
 
 PG_URL = os.environ.get("SESSIONSYNC_TEST_PG_URL", "")
 IN_CI = bool(os.environ.get("CI"))
 SYSCTL_ENV = "SESSIONSYNC_TEST_SYSCTL"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    MachineLock.configure(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    MachineLock.unconfigure(config)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    # Setup, call and teardown under the lock: a `sysctl` test's fixtures change the machine too.
+    with MachineLock.held(exclusive=item.get_closest_marker("sysctl") is not None):
+        return (yield)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -47,9 +69,11 @@ def machine_inotify_settings_unchanged() -> Iterator[None]:
     """Fails the run when a test left a machine-wide inotify setting changed, naming it with its value
     before and after, and puts the value back: tests use the watcher's seam (InotifyFaults) or a user
     namespace of their own, and only `sysctl` tests may lower a setting, for a moment."""
-    before = inotify_sysctls()
+    with MachineLock.held(exclusive=False):
+        before = inotify_sysctls()
     yield
-    after = inotify_sysctls()
+    with MachineLock.held(exclusive=False):
+        after = inotify_sysctls()
     changed = {path: (was, after.get(path)) for path, was in before.items() if after.get(path) != was}
     if not changed:
         return
