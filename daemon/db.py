@@ -8,10 +8,9 @@ import stat
 import time
 from typing import Any
 
-import psycopg
 from loguru import logger
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 
 from sessionsync.daemon.dburl import check_url, mask_url
 from sessionsync.daemon.errors import ConfigError
@@ -21,50 +20,6 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # How long a PostgreSQL server may take to answer before the connection counts as stalled
 # (`[database] timeout_s`).
 DEFAULT_TIMEOUT_S = 20.0
-
-
-class _StallGuardedConnection(psycopg.Connection[Any]):
-    """A psycopg connection that gives up on a server silent for `stall_timeout_s`.
-
-    A network that stops moving bytes but keeps the TCP connection open (a stuck middlebox, a
-    paused VM) would otherwise hold a worker in recv() for ever while keepalives, answered by
-    something on the way, see nothing wrong. Every wait of psycopg's (statements, COMMIT, the
-    pipeline's sync) gets a deadline; past it the connection is closed and the statement fails as
-    a lost connection, which the pool drops and the workers retry, as in any outage."""
-
-    stall_timeout_s = DEFAULT_TIMEOUT_S
-
-    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-        limit = self.stall_timeout_s if timeout is None else timeout
-        try:
-            return super().wait(gen, interval, limit)
-        except psycopg.errors._WaitTimeout:  # psycopg's own signal for an expired wait
-            if timeout is not None:
-                raise
-            self.close()
-            raise psycopg.OperationalError(
-                f"the database stopped answering: no reply in {limit:g} s; the connection was dropped"
-            ) from None
-
-
-def _pg_connect_args(parsed: URL, timeout_s: float) -> dict[str, Any]:
-    """libpq settings so that no fault of the network or the server hangs us: a connect timeout,
-    TCP keepalives and a user timeout (a dead peer), server-side statement and idle-in-transaction
-    timeouts (a statement that runs away, a client that vanished mid-transaction)."""
-    ms = int(timeout_s * 1000)
-    server = f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={2 * ms}"
-    given = parsed.query.get("options")
-    options = " ".join([*([given] if isinstance(given, str) else list(given or ())), server])
-    return {
-        "connect_timeout": max(2, round(min(timeout_s, 10))),
-        "application_name": "sessionsync",
-        "keepalives": 1,
-        "keepalives_idle": max(1, round(timeout_s / 2)),
-        "keepalives_interval": max(1, round(timeout_s / 6)),
-        "keepalives_count": 3,
-        "tcp_user_timeout": ms,
-        "options": options,
-    }
 
 
 def make_engine(
@@ -94,6 +49,9 @@ def make_engine(
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
+    # psycopg only now: a SQLite user never pays for importing it.
+    from sessionsync.daemon.pg import StallGuardedConnection, pg_connect_args
+
     if parsed.get_driver_name() != "psycopg":
         parsed = parsed.set(drivername="postgresql+psycopg")  # plain postgresql:// means psycopg 3
     engine = create_engine(
@@ -105,12 +63,12 @@ def make_engine(
         # Parameters are whole state.json documents: keep them out of logs and error messages.
         hide_parameters=True,
         json_serializer=dumps,
-        connect_args=_pg_connect_args(parsed, timeout_s),
+        connect_args=pg_connect_args(parsed, timeout_s),
     )
 
     @event.listens_for(engine, "do_connect")
     def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
-        conn = _StallGuardedConnection.connect(*cargs, **cparams)
+        conn = StallGuardedConnection.connect(*cargs, **cparams)
         conn.stall_timeout_s = timeout_s
         return conn
 

@@ -10,6 +10,7 @@ import codecs
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -203,8 +204,9 @@ _Count = Annotated[int | None, Field(ge=-(2**31), le=2**31 - 1)]
 class _Strict(BaseModel):
     """JSON types must match exactly: "5" is not a count and true is not 1."""
 
-    # Unknown fields are ignored here; they live on in raw_state.
-    model_config = ConfigDict(strict=True, frozen=True)
+    # Unknown fields are ignored here; they live on in raw_state. Validators are built on first
+    # use (_built), not at import.
+    model_config = ConfigDict(strict=True, frozen=True, defer_build=True)
 
 
 class _V2Commit(_Strict):
@@ -321,16 +323,17 @@ _COLUMNS: Final = tuple(field.name for field in fields(MappedState) if field.nam
 def map_state(doc: Mapping[str, Any]) -> MappedState:
     """Map a decoded state.json object to columns; never raises for a JSON object."""
     document = doc if isinstance(doc, dict) else dict(doc)
+    checks = _built()
     if "phase_history" in document or "build_progress" in document:
         try:
             return _map_v2(_V2Document.model_validate(document), frozenset(), ())
         except ValidationError:
-            values, failed, errors = _validate_per_field(_V2Document, document)
+            values, failed, errors = _validate_per_field(checks[_V2Document], document)
             return _map_v2(_V2Document.model_construct(**values), failed, errors)
     try:
         return _map_v1(_V1Document.model_validate(document), frozenset(), ())
     except ValidationError:
-        values, failed, errors = _validate_per_field(_V1Document, document)
+        values, failed, errors = _validate_per_field(checks[_V1Document], document)
         return _map_v1(_V1Document.model_construct(**values), failed, errors)
 
 
@@ -448,20 +451,33 @@ def _field_checks(model: type[_Document]) -> tuple[_FieldCheck, ...]:
     return tuple(checks)
 
 
-_FIELD_CHECKS: Final[dict[type[_Document], tuple[_FieldCheck, ...]]] = {
-    _V2Document: _field_checks(_V2Document),
-    _V1Document: _field_checks(_V1Document),
-}
+_FieldChecks = dict[type[_Document], tuple[_FieldCheck, ...]]
+_field_checks_built: _FieldChecks | None = None
+_build_lock = threading.Lock()
+
+
+def _built() -> _FieldChecks:
+    """The documents' validators, built on first use rather than at import: a process that parses
+    no state.json (a reconcile with nothing to do, a control command) does not pay for them. Built
+    once, under a lock, since worker threads may parse their first files at the same moment."""
+    global _field_checks_built
+    if _field_checks_built is None:
+        with _build_lock:
+            if _field_checks_built is None:
+                for model in (_V2Commit, _V1Commit, _V1Phase, _V1Phases, _V2Document, _V1Document):
+                    model.model_rebuild()
+                _field_checks_built = {m: _field_checks(m) for m in (_V2Document, _V1Document)}
+    return _field_checks_built
 
 
 def _validate_per_field(
-    model: type[_Document], doc: dict[str, Any]
+    checks: tuple[_FieldCheck, ...], doc: dict[str, Any]
 ) -> tuple[dict[str, Any], frozenset[str], tuple[str, ...]]:
     """Validate each field on its own: the good ones by name, the bad ones' names, their messages."""
     values: dict[str, Any] = {}
     failed: set[str] = set()
     errors: list[str] = []
-    for check in _FIELD_CHECKS[model]:
+    for check in checks:
         value = _lookup(doc, check.path)
         if value is _MISSING:
             continue

@@ -20,9 +20,10 @@ from sqlalchemy import Engine, select
 
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
-from sessionsync.daemon.migrate import alembic_config, upgrade
+from sessionsync.daemon.migrate import alembic_config, head_revision, upgrade
 from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
+from sessionsync.models.migrations import HEAD
 from sessionsync.models.tables import Base, projects, session_events, sessions
 from tests.support.databases import libpq_url
 from tests.support.sessions import fixture_doc, remove_session, write_state
@@ -77,7 +78,12 @@ def test_models_and_migrations_agree(engine: Engine) -> None:
 
 
 def test_upgrade_twice_is_a_no_op(engine: Engine) -> None:
-    assert upgrade(engine) == ("0003", "0003")
+    assert upgrade(engine) == (HEAD, HEAD)
+
+
+def test_the_head_constant_is_alembics_head() -> None:
+    # A start at the head skips Alembic by this constant: a new migration must move it.
+    assert head_revision() == HEAD
 
 
 def test_examples_mirror_as_the_readme_says(store: Store, engine: Engine, project: Path) -> None:
