@@ -347,8 +347,13 @@ class Store:
             query = query.where(s.slug.in_(list(slugs)))
         known: dict[int, dict[str, Known]] = {project_id: {} for project_id in project_ids}
         with self.engine.connect() as conn:
-            for project_id, slug, *rest in conn.execute(query).all():
+            # The driver's own rows, not SQLAlchemy's: a reconcile reads one per session, and no
+            # column here needs a result processor (SQLite's booleans come as 0 and 1, which
+            # compare equal to False and True).
+            result = conn.execute(query)
+            for project_id, slug, *rest in result.cursor.fetchall():
                 known[project_id][slug] = Known._make(rest)
+            result.close()
         return known
 
     def count_live_sessions(self) -> int:

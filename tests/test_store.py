@@ -16,7 +16,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
@@ -510,21 +510,27 @@ def test_a_row_the_database_refuses_costs_only_its_own_session(
     assert created_events(engine) == dict.fromkeys(slugs, 1)
 
 
-def terminate_writers(url: str) -> list[int]:
-    """Kill the server side of every sessionsync connection (as a restart or an admin would), and
-    wait until they are gone."""
+def backend_pids(engine: Engine) -> set[int]:
+    """The server processes of every connection `engine` opens from now on. Only these may be
+    killed: other tests (and other runs) share the server."""
+    pids: set[int] = set()
+    event.listen(engine, "connect", lambda dbapi_conn, _record: pids.add(dbapi_conn.info.backend_pid))
+    return pids
+
+
+def terminate(url: str, pids: set[int]) -> list[int]:
+    """Kill the server side of these connections (as a restart or an admin would), and wait until
+    they are gone."""
     import psycopg
 
     libpq = libpq_url(url)
-    mine = (
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'sessionsync' AND pid <> pg_backend_pid()"
-    )
+    alive = "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)"
     with psycopg.connect(libpq, autocommit=True) as conn:
-        pids = [pid for (pid,) in conn.execute(mine)]
-        for pid in pids:
+        killed = sorted(pids)
+        for pid in killed:
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        wait_for(lambda: not {pid for (pid,) in conn.execute(mine)} & set(pids))
-    return pids
+        wait_for(lambda: not list(conn.execute(alive, (killed,))))
+    return killed
 
 
 # The first write of the title 'slow' stalls in the server (a sequence counts across rollbacks), so
@@ -544,6 +550,7 @@ def test_a_connection_lost_mid_reconcile_is_redone_without_duplicates(pg_url: st
     for slug, title in titles.items():
         write_state(project, slug, {**fixture_doc("v2-build"), "topic": title})
     engine = make_engine(pg_url)
+    pids = backend_pids(engine)
     upgrade(engine)
     with engine.begin() as conn:
         for ddl in STALL_ONCE:
@@ -555,7 +562,7 @@ def test_a_connection_lost_mid_reconcile_is_redone_without_duplicates(pg_url: st
     def kill_once(_batch: object) -> None:
         # The first batch is settled; the second (s03-s05) is in the pipeline, stalled at s04.
         if not killed:
-            killed.extend(terminate_writers(pg_url))
+            killed.extend(terminate(pg_url, pids))
 
     try:
         reconcile(store, refs, MAX, batch_size=3, on_batch=kill_once)
