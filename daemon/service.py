@@ -92,6 +92,7 @@ class Service:
         self._recent_errors = RecentErrors()
         self._recent_errors.attach()
         self.last_reconcile_at: datetime | None = None
+        self._running: ReconcileJob | None = None  # the reconcile under way (status shows its progress)
         self.live_sessions = 0
         self._live_lock = threading.Lock()
         self._rebuild_lock = threading.Lock()
@@ -428,6 +429,13 @@ class Service:
         self._request_reconcile(project, reason)
 
     def _run_reconcile(self, job: ReconcileJob) -> ReconcileSummary:
+        self._running = job
+        try:
+            return self._reconcile_job(job)
+        finally:
+            self._running = None
+
+    def _reconcile_job(self, job: ReconcileJob) -> ReconcileSummary:
         self._check_database_file()
         refs = self.registry.refs()
         chosen = [r for path, r in sorted(refs.items()) if job.projects is None or path in job.projects]
@@ -578,6 +586,9 @@ class Service:
         db = "ok" if self.health.ok else "DOWN"
         paused = ", PAUSED" if self.queue.paused else ""
         starting = "" if self.state == "running" else f"{self.state}; "
+        running = self._running
+        if running is not None and running.progress[1]:
+            starting += f"reconciling {running.progress[0]:,}/{running.progress[1]:,} session(s); "
         return (
             f"{starting}{len(self.registry)} project(s), {self.live_sessions} session(s), "
             f"{self.queue.pending() + len(self.debouncer)} pending, database {db}{paused}"
@@ -610,6 +621,7 @@ class Service:
             },
             "paused": self.queue.paused,
             "last_reconcile_at": self.last_reconcile_at.isoformat() if self.last_reconcile_at else None,
+            "reconcile": self._reconcile_status(),
             "watch": [{"project": path, "state": state} for path, state in sorted(watch.items())],
             "counters": {
                 **self._counters(),
@@ -623,6 +635,15 @@ class Service:
             },
             "recent_errors": self._recent_errors.entries(),
         }
+
+    def _reconcile_status(self) -> dict[str, Any] | None:
+        """The reconcile running now, if any: why, and how far (sessions seen of how many; total
+        is 0 until its listing is done)."""
+        job = self._running
+        if job is None:
+            return None
+        seen, total = job.progress
+        return {"reason": job.reason, "seen": seen, "total": total}
 
     def metric_extras(self) -> dict[str, float]:
         """What the metrics add to status's counters (daemon/metrics.py)."""

@@ -96,6 +96,13 @@ def render_status(status: Mapping[str, Any], client_config: str | None, home: st
         f"  reconcile    last {_when(status['last_reconcile_at'], now)}, "
         f"next {_when(status.get('next_reconcile_at'), now)}"
     )
+    running = status.get("reconcile")
+    if running:
+        seen, total = running["seen"], running["total"]
+        how_far = (
+            f"{seen:,} of {total:,} session(s) ({100 * seen // total} %)" if total else "listing folders"
+        )
+        yield f"  reconciling  {how_far}, {running['reason']}"
     for entry in watch:
         if entry["state"] != "live":
             yield f"  watch {entry['state']:<6} {shown_path(entry['project'], home)}"

@@ -151,6 +151,13 @@ def test_ready_comes_before_the_start_up_reconcile_and_a_write_during_it_is_kept
             ready = systemd.until("READY=1")[-1]
             assert field(ready, "STATUS").startswith("starting: start-up reconcile; ")
             assert daemon.status()["state"] == "starting: start-up reconcile"
+            # status says which reconcile runs and how far it is (0 of 1 here: it cannot write).
+            running = wait_for(lambda: daemon.status()["reconcile"])
+            assert running["reason"] == "start-up" and running["seen"] == 0, running
+            shown = daemon.cli("status").stdout
+            assert re.search(
+                r"^  reconciling  (listing folders|0 of 1 session\(s\) \(0 %\)), start-up$", shown, re.M
+            )
             write_state(project, "s2", doc("written during it"))
             assert titles(pg_url) == {(str(project), "s1"): "one"}
         daemon.wait_started()
@@ -162,6 +169,7 @@ def test_ready_comes_before_the_start_up_reconcile_and_a_write_during_it_is_kept
             DEADLINE_S,
         )
         assert daemon.status()["state"] == "running"
+        assert daemon.status()["reconcile"] is None
         assert daemon.stop() == 0
 
 
