@@ -42,7 +42,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from bench.naive import naive_upsert
-from sessionsync.models.tables import Base, Project, projects, session_events, sessions
+from bench.orm import Project
+from sessionsync.models.tables import metadata, projects, session_events, sessions
 from tests.support.databases import SqliteFiles, empty_postgres_database, server_version
 from tests.support.notify import FakeSystemd
 from tests.support.runner import Daemon
@@ -593,8 +594,8 @@ def prepare_naive(url: str, files: Sequence[SessionFile]) -> dict[str, int]:
     """The naive mirror's fresh database (driver defaults, no pragmas) with every session once."""
     engine = create_engine(url)
     try:
-        Base.metadata.drop_all(engine)
-        Base.metadata.create_all(engine)
+        metadata.drop_all(engine)
+        metadata.create_all(engine)
         now = datetime.now(UTC)
         with OrmSession(engine) as orm:
             rows = {

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session as OrmSession
 
+from bench.orm import Session
 from sessionsync.models.state import map_state
-from sessionsync.models.tables import Session
 
 
 def naive_upsert(engine: Engine, project_id: int, path: str) -> str | None:

@@ -34,13 +34,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session as OrmSession
 
 from bench.naive import naive_upsert
+from bench.orm import Project
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import ProjectPath
 from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.models.state import map_state
-from sessionsync.models.tables import Project
 from tests.support.databases import SqliteFiles, empty_postgres_database, server_version
 from tests.support.sessions import FIXTURES
 

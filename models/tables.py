@@ -1,18 +1,20 @@
-"""SQLAlchemy 2.0 typed tables: projects, sessions, session_events.
+"""The tables, in SQLAlchemy Core: projects, sessions, session_events.
 
 The column names are a contract (DESIGN.md, "Database contract"); other tools query them.
 JSON columns are JSONB on PostgreSQL. Times are stored in UTC and come back timezone-aware.
+Core only: the daemon writes through statements, and sqlalchemy.orm would only add to every
+start-up's imports (the benchmarks' naive ORM mirror maps these tables in bench/orm.py).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     DateTime,
     Dialect,
     ForeignKey,
@@ -26,7 +28,6 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JSONDoc = JSON().with_variant(JSONB(), "postgresql")
 
@@ -59,91 +60,80 @@ NAMING = {
 }
 
 
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING)
+metadata = MetaData(naming_convention=NAMING)
 
+# A folder that holds `agents/sessions`, on one host.
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("working_dir", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("sessions_dir", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("last_reconciled_at", UTCDateTime()),
+    UniqueConstraint("host", "working_dir"),
+)
 
-class Project(Base):
-    """A folder that holds `agents/sessions`, on one host."""
-
-    __tablename__ = "projects"
-    __table_args__ = (UniqueConstraint("host", "working_dir"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    host: Mapped[str] = mapped_column(String(255))
-    working_dir: Mapped[str] = mapped_column(Text)
-    name: Mapped[str] = mapped_column(Text)
-    sessions_dir: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    last_reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-
-
-class Session(Base):
-    """The mirror of one session folder's state.json (plus spec.md / plan.json presence)."""
-
-    __tablename__ = "sessions"
-    __table_args__ = (
-        UniqueConstraint("project_id", "slug"),
-        Index("ix_sessions_phase", "current_phase"),
-        Index("ix_sessions_status", "status"),
-    )
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
-    slug: Mapped[str] = mapped_column(Text)
-    session_id: Mapped[str | None] = mapped_column(Text)
-    title: Mapped[str | None] = mapped_column(Text)
-    description: Mapped[str | None] = mapped_column(Text)
-    session_type: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str | None] = mapped_column(Text)
-    current_phase: Mapped[str | None] = mapped_column(Text)
-    phase_history: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
-    git_branch: Mapped[str | None] = mapped_column(Text)
-    git_worktree: Mapped[str | None] = mapped_column(Text)
-    git_base_branch: Mapped[str | None] = mapped_column(Text)
-    checkpoints_total: Mapped[int | None] = mapped_column(Integer)
-    checkpoints_completed: Mapped[int | None] = mapped_column(Integer)
-    checkpoints_completed_list: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
-    current_checkpoint: Mapped[int | None] = mapped_column(Integer)
-    commits: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
-    artifacts: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
-    spec_exists: Mapped[bool] = mapped_column(Boolean, default=False)
-    plan_exists: Mapped[bool] = mapped_column(Boolean, default=False)
-    schema_version: Mapped[int | None] = mapped_column(Integer)
-    raw_state: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
+# The mirror of one session folder's state.json (plus spec.md / plan.json presence).
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("slug", Text, nullable=False),
+    Column("session_id", Text),
+    Column("title", Text),
+    Column("description", Text),
+    Column("session_type", Text),
+    Column("status", Text),
+    Column("current_phase", Text),
+    Column("phase_history", JSONDoc),
+    Column("git_branch", Text),
+    Column("git_worktree", Text),
+    Column("git_base_branch", Text),
+    Column("checkpoints_total", Integer),
+    Column("checkpoints_completed", Integer),
+    Column("checkpoints_completed_list", JSONDoc),
+    Column("current_checkpoint", Integer),
+    Column("commits", JSONDoc),
+    Column("artifacts", JSONDoc),
+    Column("spec_exists", Boolean, nullable=False, default=False),
+    Column("plan_exists", Boolean, nullable=False, default=False),
+    Column("schema_version", Integer),
+    Column("raw_state", JSONDoc),
     # What the mirror was made from: the skip checks compare these before reading a file.
-    state_hash: Mapped[str | None] = mapped_column(String(64))
-    state_size: Mapped[int | None] = mapped_column(BigInteger)
-    state_mtime: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    state_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
-    dir_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)  # the session folder's (sync.Probe)
-    created_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    synced_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    Column("state_hash", String(64)),
+    Column("state_size", BigInteger),
+    Column("state_mtime", UTCDateTime()),
+    Column("state_mtime_ns", BigInteger),
+    Column("dir_mtime_ns", BigInteger),  # the session folder's (inspection.Probe)
+    Column("created_at", UTCDateTime()),
+    Column("updated_at", UTCDateTime()),
+    Column("first_seen_at", UTCDateTime(), nullable=False),
+    Column("synced_at", UTCDateTime(), nullable=False),
+    Column("deleted_at", UTCDateTime()),
     # invalid: the file could not be read as a JSON object; the mirrored fields are the last good
     # ones. sync_error also names fields of the wrong type on a row that is otherwise current.
-    invalid: Mapped[bool] = mapped_column(Boolean, default=False)
-    sync_error: Mapped[str | None] = mapped_column(Text)
-    sync_error_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    Column("invalid", Boolean, nullable=False, default=False),
+    Column("sync_error", Text),
+    Column("sync_error_at", UTCDateTime()),
+    UniqueConstraint("project_id", "slug"),
+    Index("ix_sessions_phase", "current_phase"),
+    Index("ix_sessions_status", "status"),
+)
 
-
-class SessionEvent(Base):
-    """One meaningful change of a session: created, updated, phase_changed, ..."""
-
-    __tablename__ = "session_events"
-    __table_args__ = (Index("ix_session_events_session_at", "session_id", "at"),)
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
-    at: Mapped[datetime] = mapped_column(UTCDateTime())
-    kind: Mapped[str] = mapped_column(String(32))
-    from_value: Mapped[str | None] = mapped_column(Text)
-    to_value: Mapped[str | None] = mapped_column(Text)
-    detail: Mapped[Any] = mapped_column(JSONDoc, nullable=True)
-
-
-projects = cast(Table, Project.__table__)
-sessions = cast(Table, Session.__table__)
-session_events = cast(Table, SessionEvent.__table__)
+# One meaningful change of a session: created, updated, phase_changed, ...
+session_events = Table(
+    "session_events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("session_id", ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("from_value", Text),
+    Column("to_value", Text),
+    Column("detail", JSONDoc),
+    Index("ix_session_events_session_at", "session_id", "at"),
+)

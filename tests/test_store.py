@@ -24,7 +24,7 @@ from sessionsync.daemon.migrate import alembic_config, head_revision, upgrade
 from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
 from sessionsync.models.migrations import HEAD
-from sessionsync.models.tables import Base, projects, session_events, sessions
+from sessionsync.models.tables import metadata, projects, session_events, sessions
 from tests.support.databases import libpq_url
 from tests.support.sessions import fixture_doc, remove_session, write_state
 from tests.support.waiting import wait_for
@@ -73,7 +73,7 @@ def count(engine: Engine, table: Any) -> int:
 
 def test_models_and_migrations_agree(engine: Engine) -> None:
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     assert diff == []
 
 
