@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,17 +25,17 @@ import pytest
 from loguru import logger
 
 from sessionsync.daemon.inotify_faults import InotifyFaults, watches_held
-from sessionsync.daemon.inotify_source import PromptDelayedQueue
+from sessionsync.daemon.inotify_source import InotifySource
 from sessionsync.daemon.watcher import SessionWatcher
 from sessionsync.models.keys import SessionKey
 from tests.support.inotify_limits import Sysctl, user_namespaces_usable
+from tests.support.oracle import converged
 from tests.support.recorder import Recorder
+from tests.support.runner import Daemon
+from tests.support.sessions import fixture_doc, remove_session, write_state
+from tests.support.waiting import wait_for
 
 TIMEOUT = 5.0
-
-# The watcher silences this harmless watchdog warning at import, but pytest resets the warning
-# filters set while collecting, so it is silenced again here.
-pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 
 
 class Project:
@@ -280,10 +279,15 @@ def test_a_failing_handler_does_not_kill_the_observer(rec: Recorder, tmp_path: P
 def test_a_dead_observer_is_restarted_and_everything_resynced(
     rec: Recorder, watcher: SessionWatcher, proj: Project
 ) -> None:
-    # Fault injection: an entry the dispatcher cannot unpack raises inside watchdog's thread.
+    # Fault injection: the reader thread's next read raises, once the event written here wakes it.
     source = watcher._observer
-    assert source is not None
-    source.observer.event_queue.put(("not an (event, watch) pair",))  # type: ignore[arg-type]
+    assert isinstance(source, InotifySource)
+
+    def broken(**kwargs: object) -> list[object]:
+        raise RuntimeError("injected: the inotify reader fails")
+
+    source.fd.read_events = broken  # type: ignore[method-assign,assignment]
+    proj.write("wake")
     rec.expect_resync(proj.name, "inotify observer restarted")
     assert watcher.counters()["observer_restarts"] == 1
     assert watcher._observer is not source
@@ -518,22 +522,43 @@ def test_thousands_of_sessions_start_quickly_and_events_flow(
     assert watcher.counters()["overflows"] == 0
 
 
-def test_a_paired_rename_is_released_at_once() -> None:
-    # watchdog holds an IN_MOVED_FROM to pair it; once paired (removed), what follows must not
-    # wait out the hold. Here the hold is 60 s, so only a prompt release passes.
-    queue: PromptDelayedQueue[str] = PromptDelayedQueue(60.0)
-    got: list[str | None] = []
-    done = threading.Event()
+def _daemon_watches(pid: int) -> int:
+    """inotify watches a process holds: one `inotify wd:` line each in its inotify fdinfo."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                count += Path(f"/proc/{pid}/fdinfo/{fd}").read_text().count("inotify wd:")
+        except OSError:
+            continue  # closed meanwhile
+    return count
 
-    def consume() -> None:
-        got.append(queue.get())
-        done.set()
 
-    queue.put("moved_from", delay=True)
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    assert queue.remove(lambda item: item == "moved_from") == "moved_from"
-    queue.put("moved_pair")
-    assert done.wait(5)
-    assert got == ["moved_pair"]
-    queue.close()
+def test_the_daemon_holds_two_watches_per_project_and_one_per_session_whatever_lies_deeper(
+    tmp_path: Path, db_url: str
+) -> None:
+    projects = [tmp_path / "one", tmp_path / "two"]
+    for n, project in enumerate(projects):
+        for i in range(3):
+            write_state(project, f"s{i}", fixture_doc("v2-spec"))
+        deep = project / "agents" / "sessions" / "s0"
+        for a in range(6 + n):  # research/ 3 levels deep, a few hundred folders
+            for b in range(6):
+                for c in range(6):
+                    (deep / "research" / f"a{a}" / f"b{b}" / f"c{c}").mkdir(parents=True)
+        (deep / "debug" / "deeper").mkdir(parents=True)
+        (deep / "context").mkdir()
+    with Daemon(tmp_path, db_url, projects=projects, debounce_ms=20) as daemon:
+        daemon.wait_started()
+        base = len(projects) * 2 + 6
+        assert _daemon_watches(daemon.pid) == base
+        # A session folder created, then one removed: one watch more, then one fewer.
+        write_state(projects[1], "new", fixture_doc("v2-build"))
+        wait_for(lambda: _daemon_watches(daemon.pid) == base + 1, timeout=TIMEOUT)
+        remove_session(projects[0], "s0")  # the deep one
+        wait_for(lambda: _daemon_watches(daemon.pid) == base, timeout=TIMEOUT)
+        # Deeper folders still cost nothing, and their files stay out of the mirror.
+        (projects[1] / "agents" / "sessions" / "s1" / "research" / "x" / "y").mkdir(parents=True)
+        (projects[1] / "agents" / "sessions" / "s1" / "spec.md").write_text("# spec")
+        wait_for(lambda: converged(db_url, projects), timeout=TIMEOUT)
+        assert _daemon_watches(daemon.pid) == base
