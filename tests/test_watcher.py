@@ -562,3 +562,29 @@ def test_the_daemon_holds_two_watches_per_project_and_one_per_session_whatever_l
         (projects[1] / "agents" / "sessions" / "s1" / "spec.md").write_text("# spec")
         wait_for(lambda: converged(db_url, projects), timeout=TIMEOUT)
         assert _daemon_watches(daemon.pid) == base
+
+
+def test_watches_follow_session_folders_renamed_moved_out_and_linked(
+    rec: Recorder, proj: Project, tmp_path: Path
+) -> None:
+    # proj holds its parent, its sessions folder and session a: 3 watches, counted by the kernel.
+    held = watches_held()
+    (proj.sessions / "a").rename(proj.sessions / "b")
+    rec.expect_keys(proj.key("a"), proj.key("b"))
+    assert watches_held() == held  # the same folder, watched under its new name
+    proj.write("b", '{"n": 1}', atomic=False)
+    rec.clear()
+    proj.write("b", '{"n": 2}', atomic=False)
+    rec.expect_keys(proj.key("b"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (proj.sessions / "b").rename(outside / "b")
+    rec.expect_keys(proj.key("b"))
+    assert watches_held() == held - 1  # moved out: its watch went with it
+    rec.clear()
+    (outside / "b" / "state.json").write_text('{"n": 3}')
+    os.symlink(outside / "b", proj.sessions / "linked")  # a link: a session, but not followed
+    (proj.sessions / "c" / "research" / "deep").mkdir(parents=True)
+    rec.expect_keys(proj.key("linked"), proj.key("c"))
+    assert watches_held() == held  # c, and nothing for the link or c/research
+    assert proj.key("b") not in sentinel(rec, proj)  # what is written outside is not this project's
