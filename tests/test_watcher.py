@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -588,3 +589,15 @@ def test_watches_follow_session_folders_renamed_moved_out_and_linked(
     rec.expect_keys(proj.key("linked"), proj.key("c"))
     assert watches_held() == held  # c, and nothing for the link or c/research
     assert proj.key("b") not in sentinel(rec, proj)  # what is written outside is not this project's
+
+
+def test_one_reader_thread_serves_every_project(rec: Recorder, watcher: SessionWatcher, tmp_path: Path) -> None:
+    first = Project(tmp_path / "p0")
+    assert watcher.watch(first.name, str(first.sessions))
+    threads = threading.active_count()
+    others = [Project(tmp_path / f"p{n}") for n in range(1, 30)]
+    for p in others:
+        assert watcher.watch(p.name, str(p.sessions))
+    assert threading.active_count() == threads
+    others[-1].write("s")
+    rec.expect_keys(others[-1].key("s"))
