@@ -591,7 +591,9 @@ def test_watches_follow_session_folders_renamed_moved_out_and_linked(
     assert proj.key("b") not in sentinel(rec, proj)  # what is written outside is not this project's
 
 
-def test_one_reader_thread_serves_every_project(rec: Recorder, watcher: SessionWatcher, tmp_path: Path) -> None:
+def test_one_reader_thread_serves_every_project(
+    rec: Recorder, watcher: SessionWatcher, tmp_path: Path
+) -> None:
     first = Project(tmp_path / "p0")
     assert watcher.watch(first.name, str(first.sessions))
     threads = threading.active_count()
