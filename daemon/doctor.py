@@ -394,11 +394,15 @@ def _count(n: int, noun: str) -> str:
 
 
 def _watches_needed(sessions_dir: str) -> int:
-    """inotify watches one project takes: one per folder in its sessions folder (the recursive
-    watch, the sessions folder included) plus one on the sessions folder's parent."""
+    """inotify watches one project takes: its sessions folder, that folder's parent, and one per
+    folder right inside it (a session; links are not followed), whatever lies deeper."""
     if not os.path.isdir(sessions_dir):
         return 1 if os.path.isdir(os.path.dirname(sessions_dir)) else 0
-    return 1 + sum(1 for _ in os.walk(sessions_dir))
+    try:
+        with os.scandir(sessions_dir) as entries:
+            return 2 + sum(1 for entry in entries if entry.is_dir(follow_symlinks=False))
+    except OSError:
+        return 2  # unreadable: the daemon cannot watch its sessions either
 
 
 def _held_by_user(exclude: int | None) -> tuple[int, int]:

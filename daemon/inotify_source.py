@@ -1,310 +1,144 @@
-"""One inotify instance as a source of session-folder events, built on watchdog's inotify observer.
+"""One inotify instance as a source of session-folder events, on watchdog's inotify instance class.
 
-This is the one module that reaches below watchdog's public API (pinned in pyproject.toml), for
-what the public surface does not give: a hook on queue overflow, a signal when one of its threads
-ends, the watch-limit errors it swallows below the root of a recursive watch, prompt delivery of
-a rename, plain watches on parent folders, and the hooks of the test seam (inotify_faults.py).
-Every private member it overrides or touches is named in WATCHDOG_PRIVATE_MEMBERS, which
-tests/test_inotify_source.py checks against the installed watchdog.
+This is the one module that reaches below watchdog's public API (pinned in pyproject.toml). It uses
+watchdog's `InotifyFD` (the instance, its reader thread, the event parsing) but none of its observer,
+emitters or recursive watch groups: those cost a thread per watched folder tree and a watch, with
+about 550 bytes of bookkeeping, per folder at any depth. Here every watch is plain (not recursive):
+the sessions folder, each folder right inside it (a session) and the sessions folder's parent, so a
+project costs 2 watches plus one per session, whatever lies deeper, and all projects share the one
+reader thread. Events are handled on that thread. Every private member touched is named in
+WATCHDOG_PRIVATE_MEMBERS, which tests/test_inotify_source.py checks against the installed watchdog.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import threading
-import time
-import warnings
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Protocol
 
 from loguru import logger
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-    FileSystemMovedEvent,
-)
-from watchdog.observers.api import BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import (
     DEFAULT_EVENT_BUFFER_SIZE,
-    CallbackId,
     InotifyConstants,
     InotifyEvent,
     InotifyFD,
     Mask,
-    WatchCallback,
     WatchDescriptor,
+    inotify_add_watch,
+    inotify_rm_watch,
 )
-from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper, PathedInotifyEvent
 
 from sessionsync.daemon.inotify_faults import InotifyFaults
 from sessionsync.daemon.session_paths import EventKind, FsEvent
 
-if TYPE_CHECKING:
-    from watchdog.observers.api import EventQueue
-    from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent
-
-# What this module uses of watchdog below its public API, by class: overridden or touched. A rename
-# upstream would silently turn an override into dead code, so the test named above fails instead.
+# What this module uses of watchdog below its public API, by class. A rename upstream would turn a
+# use into an AttributeError on the reader thread, so the test named above fails first instead.
 WATCHDOG_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
-    InotifyEmitter: ("_inotify",),  # set by on_thread_start: our watch group in place of watchdog's
-    InotifyWatchGroup: (
-        "_move_event_grouper",  # field: our prompt grouper in place of watchdog's
-        "_remove_watch_internally",  # overridden: tolerant of a watch shared after a move
-        "_active_callbacks_by_watch",  # read and updated by that override
-        "_active_callbacks_by_path",
+    InotifyFD: (
+        "_inotify_fd",  # the descriptor our watches are added to and removed from
+        "_lock",  # held while doing so: the reader closes the descriptor under it
+        "_closed",  # read under it: a closed descriptor's number may be another file's by now
+        "_raise_error",  # errno of a failed inotify_add_watch as the OSError watchdog raises
     ),
 }
 
 # The errors inotify reports for its limits: watches (fs.inotify.max_user_watches) and instances.
 LIMIT_ERRNOS = frozenset({errno.ENOSPC, errno.EMFILE})
 
-# Explicit filter: with watchdog's default mask (IN_OPEN, IN_CLOSE_NOWRITE, IN_MODIFY, ...) its own
-# start-up walk over a few thousand session folders floods the kernel queue, the overflow makes it
-# rebuild (walk again), and no event is ever delivered. This set gives IN_CREATE, IN_DELETE,
-# IN_MOVED_FROM/TO and IN_CLOSE_WRITE (plus IN_DELETE_SELF, always): the walk itself raises none.
-# Unpaired moves arrive as created (moved in) and deleted (moved out). IN_MODIFY is left out on
-# purpose: a writer's close (IN_CLOSE_WRITE) or rename says the content is complete.
-EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-]
-
-# The parent of a sessions folder is watched alone (not recursively) for its children coming and
-# going, and for itself being deleted or moved.
-_PARENT_MASK = Mask(
+# One mask for every watch, so that a folder watched in two roles (two projects nested in each
+# other) keeps all the events both need: inotify keeps one mask per watched folder. IN_CREATE,
+# IN_DELETE and IN_MOVED_FROM/TO tell session folders and files coming and going; IN_CLOSE_WRITE
+# a file written (IN_MODIFY is left out on purpose: a writer's close, or a rename, says the content
+# is complete); IN_DELETE_SELF / IN_MOVE_SELF a watched folder going. Links are never followed.
+_MASK = Mask(
     InotifyConstants.IN_CREATE
     | InotifyConstants.IN_DELETE
     | InotifyConstants.IN_MOVED_FROM
     | InotifyConstants.IN_MOVED_TO
+    | InotifyConstants.IN_CLOSE_WRITE
     | InotifyConstants.IN_DELETE_SELF
     | InotifyConstants.IN_MOVE_SELF
     | InotifyConstants.IN_ONLYDIR
     | InotifyConstants.IN_DONT_FOLLOW
 )
 
-T = TypeVar("T")
 
-# `mkdir -p a/b/c` in a session: watchdog's walk of the new `a` watches b and c, then the queued
-# IN_CREATE of b and c add them again, which is harmless (same watch) but warned about on stderr,
-# once per folder. Only that warning, raised from this module's calls, is silenced.
-warnings.filterwarnings(
-    "ignore",
-    message=r"Callback with id '\d+' already exists for watch",
-    category=RuntimeWarning,
-    module=r"sessionsync\.daemon\.inotify_source",
-)
+class _Owner(Protocol):
+    """Whoever holds a watch: told each of its events, and when the kernel ended it. Both run on the
+    reader thread, where an exception would end the thread: they catch everything."""
+
+    def on_event(self, event: InotifyEvent, name: str) -> None: ...
+
+    def on_gone(self, wd: int, name: str) -> None: ...
 
 
-# --- prompt renames ------------------------------------------------------------------------------
-
-
-class PromptDelayedQueue(Generic[T]):
-    """A queue whose delayed items (an IN_MOVED_FROM waiting for its IN_MOVED_TO) are held up to
-    `delay` seconds. watchdog's own DelayedQueue sleeps the whole delay when it meets a held item
-    first, even if the pair arrives a moment later: an atomic replace (temp + rename) is then seen
-    late and so is every event behind it. Here `get` waits on the condition, and `remove` (the
-    pairing) wakes it. Our own class, not a subclass: it depends on none of watchdog's internals."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self._not_empty = threading.Condition(threading.Lock())
-        self._items: deque[tuple[T, float, bool]] = deque()
-        self._closed = False
-
-    def put(self, item: T, *, delay: bool = False) -> None:
-        with self._not_empty:
-            self._items.append((item, time.monotonic(), delay))
-            self._not_empty.notify_all()
-
-    def get(self) -> T | None:
-        """The next item once its hold is over; None once closed."""
-        with self._not_empty:
-            while True:
-                if self._closed:
-                    return None
-                if not self._items:
-                    self._not_empty.wait()
-                    continue
-                head, inserted, delayed = self._items[0]
-                left = inserted + self.delay - time.monotonic() if delayed else 0.0
-                if left > 0:
-                    self._not_empty.wait(left)
-                    continue
-                self._items.popleft()
-                return head
-
-    def find(self, predicate: Callable[[T], bool]) -> T | None:
-        with self._not_empty:
-            return next((item for item, _, _ in self._items if predicate(item)), None)
-
-    def remove(self, predicate: Callable[[T], bool]) -> T | None:
-        with self._not_empty:
-            for i, (item, _, _) in enumerate(self._items):
-                if predicate(item):
-                    del self._items[i]
-                    self._not_empty.notify_all()
-                    return item
-        return None
-
-    def clear(self) -> None:
-        with self._not_empty:
-            self._items.clear()
-
-    def close(self) -> None:
-        with self._not_empty:
-            self._closed = True
-            self._not_empty.notify_all()
-
-
-class _PromptMoveGrouper(InotifyMoveEventGrouper):
-    """watchdog's move grouper (pairs IN_MOVED_FROM with IN_MOVED_TO by cookie) on a
-    PromptDelayedQueue. Every public method is ours, so nothing of the base's state is used (its
-    __init__ is not called); a test checks that no public method of the base is left inherited."""
-
-    def __init__(self) -> None:
-        self._events: PromptDelayedQueue[GroupedInotifyEvent] = PromptDelayedQueue(self.delay)
-
-    def read_event(self) -> GroupedInotifyEvent | None:
-        return self._events.get()
-
-    def put_event(self, event: PathedInotifyEvent) -> None:
-        # Only an unpaired move's source waits, for its destination.
-        grouped: GroupedInotifyEvent = event
-        if event.ev.is_moved_to:
-            source = self._events.remove(self._moved_from(event.ev.cookie))
-            if isinstance(source, PathedInotifyEvent):
-                grouped = (source, event)
-        self._events.put(grouped, delay=event.ev.is_moved_from)
-
-    def get_queued_moved_from_event(self, cookie: int) -> PathedInotifyEvent | None:
-        found = self._events.find(self._moved_from(cookie))
-        return found if isinstance(found, PathedInotifyEvent) else None
-
-    def discard_pending_events(self) -> None:
-        self._events.clear()
-
-    def close(self) -> None:
-        self._events.close()
-
-    @staticmethod
-    def _moved_from(cookie: int) -> Callable[[GroupedInotifyEvent], bool]:
-        def matches(event: GroupedInotifyEvent) -> bool:
-            return (
-                isinstance(event, PathedInotifyEvent) and event.ev.is_moved_from and event.ev.cookie == cookie
-            )
-
-        return matches
-
-
-# --- watchdog, adapted ---------------------------------------------------------------------------
-
-
-@dataclass
-class _WatchGroup(InotifyWatchGroup):
-    """One recursive watch tree, with prompt renames and a tolerant watch removal."""
-
-    _move_event_grouper: InotifyMoveEventGrouper = field(default_factory=_PromptMoveGrouper, init=False)
-
-    def _remove_watch_internally(self, wd: WatchDescriptor) -> None:
-        # A session folder moved to another project keeps its watch (same inode), then shared with
-        # that project's group, while this one still maps it to the old path; once that name is
-        # reused and removed, watchdog's version raises KeyError here and kills the reader thread.
-        path = self._active_callbacks_by_watch.pop(wd, None)
-        if path is not None and self._active_callbacks_by_path.get(path) == wd:
-            del self._active_callbacks_by_path[path]
-
-
-class _Emitter(InotifyEmitter):
-    """watchdog's inotify emitter with our watch group, and a signal when its thread ends."""
-
-    def __init__(
-        self,
-        event_queue: EventQueue,
-        watch: ObservedWatch,
-        *,
-        timeout: float,
-        event_filter: list[type[FileSystemEvent]] | None = None,
-        inotify_fd: InotifyFD,
-        on_exit: Callable[[str], None],
-    ) -> None:
-        super().__init__(
-            event_queue, watch, timeout=timeout, event_filter=event_filter, inotify_fd=inotify_fd
-        )
-        self._fd = inotify_fd
-        self._on_exit = on_exit
-
-    def on_thread_start(self) -> None:
-        self._inotify = _WatchGroup(
-            self._fd,
-            os.fsencode(self.watch.path),
-            is_recursive=self.watch.is_recursive,
-            event_mask=self.get_event_mask_from_filter(),
-            follow_symlink=self.watch.follow_symlink,
-        )
-
-    def run(self) -> None:
-        try:
-            super().run()
-        except Exception:
-            logger.exception("inotify emitter for {} failed", self.watch.path)
-        finally:
-            self._on_exit(self.watch.path)
+# Who holds a watch and as what: (owner, name), name "" for the owner's own folder. Most watches
+# have one holder, stored as the bare pair; a folder watched by two owners holds a list.
+_Holder = tuple[_Owner, str]
 
 
 class _InotifyFD(InotifyFD):
-    """The inotify instance: reports each queue overflow (the watcher then replaces the instance),
-    its own unexpected end, and each watch-limit error of a watch tree, even where watchdog swallows
-    it below the tree's root (a sessions folder watched only in part would silently miss sessions);
-    applies the test seam's limits, if any. Only public methods are overridden."""
+    """The inotify instance with its own table of watches (watch descriptor -> holders), lighter
+    than watchdog's per-watch objects; reports each queue overflow (the watcher then replaces the
+    instance) and its own unexpected end; applies the test seam's limits, if any. Only public
+    methods are overridden."""
 
     def __init__(
-        self,
-        *,
-        on_overflow: Callable[[], None],
-        on_death: Callable[[], None],
-        on_limit: Callable[[str, int], None],
-        faults: InotifyFaults | None,
+        self, *, on_overflow: Callable[[], None], on_death: Callable[[], None], faults: InotifyFaults | None
     ) -> None:
         super().__init__()
         self._on_overflow = on_overflow
         self._on_death = on_death
-        self._on_limit = on_limit
         self._faults = faults
         self._queue_size = faults.queued_events() if faults is not None else None
+        self._holders: dict[int, _Holder | list[_Holder]] = {}  # under self._lock
 
-    def add_callback(
-        self, path: bytes, mask: Mask, callback: WatchCallback, id_: CallbackId
-    ) -> WatchDescriptor:
-        try:
-            if self._faults is not None:
-                self._faults.before_watch(path)
-            wd = super().add_callback(path, mask, callback, id_)
-        except OSError as exc:
-            # Reported whatever the path; the watch group re-raises it only for its root.
-            if exc.errno in LIMIT_ERRNOS and isinstance(callback, InotifyWatchGroup):
-                self._on_limit(os.fsdecode(callback.path), exc.errno)
-            raise
-        if wd == -1:
-            # watchdog lets EACCES through as watch descriptor -1: nothing is watched there.
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+    def add_watch(self, path: str, owner: _Owner, name: str) -> int:
+        """Watch the folder `path` for `owner` (as `name`); its watch descriptor, shared with any
+        other holder of that folder. Raises OSError as inotify does (PermissionError for EACCES)."""
+        encoded = os.fsencode(path)
+        if self._faults is not None:
+            self._faults.before_watch(encoded)
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, "the inotify instance is closed", path)
+            wd = int(inotify_add_watch(self._inotify_fd, encoded, _MASK))
+            if wd == -1:
+                InotifyFD._raise_error()  # raises, except for EACCES
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            held = self._holders.get(wd)
+            if held is None:
+                self._holders[wd] = (owner, name)
+            elif isinstance(held, tuple):
+                if held[0] is not owner:
+                    self._holders[wd] = [held, (owner, name)]
+                else:
+                    self._holders[wd] = (owner, name)
+            else:
+                held[:] = [h for h in held if h[0] is not owner] + [(owner, name)]
         return wd
+
+    def remove_watch(self, wd: int, owner: _Owner) -> None:
+        """`owner` no longer holds watch `wd`; the watch goes with its last holder."""
+        with self._lock:
+            held = self._holders.get(wd)
+            if held is None:
+                return
+            left = [h for h in ([held] if isinstance(held, tuple) else held) if h[0] is not owner]
+            if left:
+                self._holders[wd] = left[0] if len(left) == 1 else left
+                return
+            del self._holders[wd]
+            if not self._closed:
+                # EINVAL: the kernel ended it already (its IN_IGNORED is on its way).
+                inotify_rm_watch(self._inotify_fd, WatchDescriptor(wd))
+
+    def watch_count(self) -> int:
+        with self._lock:
+            return len(self._holders)
 
     def read_events(self, *, event_buffer_size: int = DEFAULT_EVENT_BUFFER_SIZE) -> list[InotifyEvent]:
         events = super().read_events(event_buffer_size=event_buffer_size)
@@ -318,11 +152,18 @@ class _InotifyFD(InotifyFD):
 
     def handle_event(self, event: InotifyEvent) -> None:
         if event.is_queue_overflow:
-            # Not watchdog's rebuild in place: every watch it removes queues an IN_IGNORED, so a tree
-            # of more folders than the queue holds overflows again at once, forever.
             self._on_overflow()
             return
-        super().handle_event(event)
+        with self._lock:
+            held = self._holders.pop(event.wd, None) if event.is_ignored else self._holders.get(event.wd)
+        if held is None:
+            return  # a watch removed meanwhile
+        # Outside the lock: a holder adds and removes watches as it handles its events.
+        for owner, name in [held] if isinstance(held, tuple) else list(held):
+            if event.is_ignored:
+                owner.on_gone(event.wd, name)
+            else:
+                owner.on_event(event, name)
 
     def run(self) -> None:
         try:
@@ -334,74 +175,144 @@ class _InotifyFD(InotifyFD):
                 self._on_death()
 
 
-class _Observer(BaseObserver):
-    """watchdog's observer (the dispatcher thread) on our emitters, which reports its thread's end
-    and stops its inotify instance with it."""
+def _kind(event: InotifyEvent) -> EventKind:
+    if event.is_create or event.is_moved_to:
+        return "created"  # a move is seen as its two halves, each on its own folder's watch
+    if event.is_delete or event.is_moved_from:
+        return "deleted"
+    return "closed" if event.is_close_write else "other"
+
+
+class SessionsWatch:
+    """One sessions folder's watches: a plain one on the folder and one on each folder right inside
+    it (each a session, links not followed); nothing deeper. Hands its events on as FsEvents (to
+    `on_event`, or what that raises to `on_error`), adds and drops session folders' watches as they
+    come and go, reports a limit met doing so (`on_limit(path, errno)`) and the end of its own watch
+    (`on_exit(path)`). `partial` is the limit error met while it was set up: some session folders
+    are not watched."""
 
     def __init__(
-        self, fd: _InotifyFD, *, on_death: Callable[[], None], on_tree_exit: Callable[[str], None]
+        self,
+        fd: _InotifyFD,
+        path: str,
+        *,
+        on_event: Callable[[FsEvent], None],
+        on_error: Callable[[Exception], None],
+        on_limit: Callable[[str, int], None],
+        on_exit: Callable[[str], None],
     ) -> None:
-        super().__init__(_Emitter, inotify_fd=fd, on_exit=on_tree_exit)
-        self.fd = fd
-        self._on_death = on_death
+        self.path = path
+        self.partial: int | None = None
+        self.alive = False
+        self._fd = fd
+        self._on_event, self._on_error = on_event, on_error
+        self._on_limit, self._on_exit = on_limit, on_exit
+        self._lock = threading.Lock()  # before the instance's lock, never after it
+        self._wd: int | None = None
+        self._children: dict[str, int] = {}  # session folder name -> its watch descriptor
+        self._closed = False
 
-    def run(self) -> None:
+    def arm(self) -> None:
+        """Watch the folder, then each folder in it: one created meanwhile is seen by both, and
+        added once. Raises OSError when the sessions folder itself cannot be watched."""
+        with self._lock:
+            self._wd = self._fd.add_watch(self.path, self, "")
+            self.alive = True
+        with os.scandir(self.path) as entries:
+            names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        for name in names:
+            err = self._add_child(name)
+            if err is not None:
+                self.partial = err
+                return
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._closed, self.alive = True, False
+            wds, self._children = list(self._children.values()), {}
+            if self._wd is not None:
+                wds.append(self._wd)
+            self._wd = None
+        for wd in wds:
+            self._fd.remove_watch(wd, self)
+
+    def watch_count(self) -> int:
+        with self._lock:
+            return len(self._children) + (self._wd is not None)
+
+    def _add_child(self, name: str) -> int | None:
+        """Watch the session folder `name`; the limit error when it could not be, else None."""
+        with self._lock:
+            if self._closed or name in self._children:
+                return None
+            try:
+                self._children[name] = self._fd.add_watch(os.path.join(self.path, name), self, name)
+            except OSError as exc:
+                if exc.errno in LIMIT_ERRNOS:
+                    return exc.errno
+                # Gone again, not a folder (a link), unreadable: no session folder to watch.
+        return None
+
+    def _drop_child(self, name: str) -> None:
+        with self._lock:
+            wd = self._children.pop(name, None)
+        if wd is not None:
+            self._fd.remove_watch(wd, self)
+
+    # --- on the reader thread ---
+
+    def on_event(self, event: InotifyEvent, name: str) -> None:
         try:
-            super().run()
-        except Exception:
-            logger.exception("inotify event dispatcher failed")
-        finally:
-            if not self.stopped_event.is_set():
-                self._on_death()
+            change = self._translate(event, name)
+            if change is not None:
+                self._on_event(change)
+        except Exception as exc:
+            self._on_error(exc)
 
-    def on_thread_stop(self) -> None:
-        super().on_thread_stop()
-        self.fd.stop()
-        self.fd.join()
+    def _translate(self, event: InotifyEvent, name: str) -> FsEvent | None:
+        is_dir = bool(event.mask & InotifyConstants.IN_ISDIR)
+        if event.is_delete_self or event.is_move_self:
+            # The sessions folder itself going is the watcher's to check; a session folder going is
+            # told by the sessions folder's own watch.
+            return FsEvent("deleted", self.path, is_directory=True) if not name else None
+        if name:
+            return FsEvent(_kind(event), os.path.join(self.path, name, os.fsdecode(event.name)), "", is_dir)
+        child = os.fsdecode(event.name)
+        kind = _kind(event)
+        if is_dir and kind == "created":
+            # Watched before the key is handed on: whatever is written in it from now on is seen,
+            # and what was written before is read by the sync the key starts.
+            err = self._add_child(child)
+            if err is not None:
+                self._on_limit(self.path, err)
+        elif is_dir and kind == "deleted":
+            self._drop_child(child)
+        return FsEvent(kind, os.path.join(self.path, child), "", is_dir)
 
-
-class _Handler(FileSystemEventHandler):
-    """Hands one watch tree's events on as FsEvents. Runs on watchdog's dispatcher thread, where an
-    exception would end the thread silently: it catches everything."""
-
-    def __init__(self, on_event: Callable[[FsEvent], None], on_error: Callable[[Exception], None]) -> None:
-        self._on_event = on_event
-        self._on_error = on_error
-
-    def dispatch(self, event: FileSystemEvent) -> None:
+    def on_gone(self, wd: int, name: str) -> None:
         try:
-            self._on_event(fs_event(event))
+            with self._lock:
+                if name:
+                    if self._children.get(name) == wd:
+                        del self._children[name]
+                    return
+                ended = not self._closed and self._wd == wd
+                if ended:
+                    self.alive, self._wd = False, None
+            if ended:
+                self._on_exit(self.path)
         except Exception as exc:
             self._on_error(exc)
 
 
-def fs_event(event: FileSystemEvent) -> FsEvent:
-    """A watchdog event reduced to what session_paths needs."""
-    kind: EventKind = "other"
-    if isinstance(event, FileCreatedEvent | DirCreatedEvent):
-        kind = "created"
-    elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
-        kind = "deleted"
-    elif isinstance(event, FileSystemMovedEvent):
-        kind = "moved"
-    elif isinstance(event, FileClosedEvent):
-        kind = "closed"
-    dest = event.dest_path if isinstance(event, FileSystemMovedEvent) else ""
-    return FsEvent(kind, os.fsdecode(event.src_path), os.fsdecode(dest), event.is_directory)
-
-
+@dataclass
 class _ParentWatches:
-    """The watches on the parents of sessions folders (a watchdog WatchCallback): any event about
-    the sessions folder's name, or the parent itself going, asks for a check of that project."""
+    """The watches on the parents of sessions folders, one owner for all: any event about the
+    sessions folder's name, or the parent itself going, asks for a check of that project."""
 
-    def __init__(self, on_change: Callable[[str], None]) -> None:
-        self._on_change = on_change
-        self._lock = threading.Lock()
-        self._by_wd: dict[int, dict[str, bytes]] = {}  # wd -> project -> name of its sessions folder
-
-    @property
-    def id(self) -> CallbackId:
-        return CallbackId(id(self))
+    on_change: Callable[[str], None]
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _by_wd: dict[int, dict[str, bytes]] = field(default_factory=dict)  # wd -> project -> child name
 
     def add(self, wd: int, project: str, name: str) -> None:
         with self._lock:
@@ -417,46 +328,40 @@ class _ParentWatches:
             self._by_wd.pop(wd, None)
             return True
 
-    def on_event(self, event: InotifyEvent) -> None:
+    def on_event(self, event: InotifyEvent, name: str) -> None:
         itself = event.is_delete_self or event.is_move_self
         with self._lock:
             names = dict(self._by_wd.get(event.wd, {}))
-        for project, name in names.items():
-            if itself or event.name == name:
-                self._on_change(project)
+        for project, child in names.items():
+            if itself or event.name == child:
+                self._changed(project)
 
-    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+    def on_gone(self, wd: int, name: str) -> None:
         with self._lock:
             projects = list(self._by_wd.pop(wd, {}))
         for project in projects:
-            self._on_change(project)
+            self._changed(project)
 
-    def on_queue_overflow(self) -> None:
-        """Overflow is reported by the inotify instance itself (`_InotifyFD`), once for all."""
+    def _changed(self, project: str) -> None:
+        try:
+            self.on_change(project)
+        except Exception:
+            logger.bind(project=project).exception("asking for a check of the sessions folder failed")
 
 
 # --- the source ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TreeWatch:
-    """A recursive watch on one sessions folder. `partial` is the limit error (errno) met below its
-    root while it was set up: some session folders are not watched."""
-
-    path: str
-    watch: ObservedWatch
-    partial: int | None = None
-
-
 class InotifySource:
-    """One inotify instance, its reader, emitter and dispatcher threads; recursive watches on
-    sessions folders and plain ones on their parents. The callbacks run on watchdog's threads.
+    """One inotify instance and its one reader thread, whatever the number of projects: plain
+    watches on sessions folders, on the session folders in them and on their parents. The
+    callbacks run on the reader thread.
 
-    `on_overflow()`: events were lost. `on_death()`: a thread ended by itself. `on_limit(path,
-    errno)`: a folder below the watched `path` could not be watched. `on_tree_exit(path)`: the
-    watch on `path` ended by itself (its folder deleted). `on_parent_change(project)`: something
-    happened to `project`'s sessions folder's name or to its parent folder.
-    Raises OSError (EMFILE) when no inotify instance can be had.
+    `on_overflow()`: events were lost. `on_death()`: the thread ended by itself. `on_limit(path,
+    errno)`: a session folder in the watched `path` could not be watched. `on_tree_exit(path)`: the
+    watch on the sessions folder `path` ended by itself (its folder deleted).
+    `on_parent_change(project)`: something happened to `project`'s sessions folder's name or to its
+    parent folder. Raises OSError (EMFILE) when no inotify instance can be had.
     """
 
     def __init__(
@@ -470,69 +375,66 @@ class InotifySource:
         faults: InotifyFaults | None = None,
     ) -> None:
         self._on_limit = on_limit
-        # Limit errors met while a tree is being set up, read back by watch_tree: they come from the
-        # thread that calls schedule(), before it returns.
-        self._arming: dict[str, int] = {}
-        self._arming_lock = threading.Lock()
-        fd = _InotifyFD(on_overflow=on_overflow, on_death=on_death, on_limit=self._limit, faults=faults)
-        fd.start()
-        self.observer = _Observer(fd, on_death=on_death, on_tree_exit=on_tree_exit)
+        self._on_tree_exit = on_tree_exit
+        self.fd = _InotifyFD(on_overflow=on_overflow, on_death=on_death, faults=faults)
         self._parents = _ParentWatches(on_parent_change)
 
     def start(self) -> None:
-        self.observer.start()
+        self.fd.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the threads (the inotify instance and every watch with them) and wait for them."""
-        self.observer.stop()
-        self.observer.join(timeout)
+        """Stop the reader thread (the inotify instance and every watch with it) and wait for it."""
+        self.fd.stop()
+        if self.fd.is_alive():
+            self.fd.join(timeout)
 
     def threads_alive(self) -> bool:
-        """The dispatcher and the reader threads both run."""
-        return self.observer.is_alive() and self.observer.fd.is_alive()
+        return self.fd.is_alive()
+
+    def watch_count(self) -> int:
+        """Watches held (a folder watched in two roles counts once, as the kernel counts it)."""
+        return self.fd.watch_count()
 
     def watch_tree(
         self, path: str, on_event: Callable[[FsEvent], None], on_error: Callable[[Exception], None]
-    ) -> TreeWatch:
-        """Watch the folder `path` and everything below it; events go to `on_event` on the dispatcher
-        thread (and whatever it raises to `on_error`). Raises OSError when `path` cannot be watched."""
-        with self._arming_lock:
-            self._arming.pop(path, None)
-        watch = self.observer.schedule(
-            _Handler(on_event, on_error), path, recursive=True, event_filter=EVENT_FILTER
+    ) -> SessionsWatch:
+        """Watch the sessions folder `path` and each session folder in it; events go to `on_event`
+        on the reader thread (and whatever it raises to `on_error`). Raises OSError when `path`
+        cannot be watched."""
+        tree = SessionsWatch(
+            self.fd,
+            path,
+            on_event=on_event,
+            on_error=on_error,
+            on_limit=self._on_limit,
+            on_exit=self._on_tree_exit,
         )
-        with self._arming_lock:
-            partial = self._arming.pop(path, None)
-        return TreeWatch(path, watch, partial)
+        try:
+            tree.arm()
+        except OSError:
+            tree.disarm()
+            raise
+        return tree
 
     def tree_alive(self, tree: object) -> bool:
-        assert isinstance(tree, TreeWatch), tree  # only ever one of ours
-        return any(emitter.watch == tree.watch and emitter.is_alive() for emitter in self.observer.emitters)
+        assert isinstance(tree, SessionsWatch), tree  # only ever one of ours
+        return tree.alive and self.fd.is_alive()
 
     def unwatch_tree(self, tree: object) -> None:
-        assert isinstance(tree, TreeWatch), tree
-        # A watch whose emitter ended by itself (its folder deleted) is still registered.
-        with contextlib.suppress(KeyError):
-            self.observer.unschedule(tree.watch)
+        assert isinstance(tree, SessionsWatch), tree
+        tree.disarm()
 
     def watch_parent(self, path: str, project: str, name: str) -> int | None:
         """Watch the folder `path` alone for its child `name` (the sessions folder, or the folder on
         the way to it) coming and going, and for itself going; its watch descriptor, or None when
         it may not be read (EACCES). Raises OSError when it cannot be watched."""
         try:
-            wd = self.observer.fd.add_callback(
-                os.fsencode(path), _PARENT_MASK, self._parents, self._parents.id
-            )
+            wd = self.fd.add_watch(path, self._parents, "")
         except PermissionError:
             return None
         self._parents.add(wd, project, name)
-        return int(wd)
+        return wd
 
     def drop_parent(self, wd: int, project: str) -> None:
         if self._parents.discard(wd, project):
-            self.observer.fd.remove_callbacks([(WatchDescriptor(wd), self._parents.id)])
-
-    def _limit(self, path: str, err: int) -> None:
-        with self._arming_lock:
-            self._arming.setdefault(path, err)
-        self._on_limit(path, err)
+            self.fd.remove_watch(wd, self._parents)

@@ -43,11 +43,12 @@ RESYNC_REWATCHED = "inotify watch restarted"
 
 
 class Tree(Protocol):
-    """A recursive watch on one sessions folder, as a WatchSource returns it."""
+    """The watches of one sessions folder (on it and on each session folder in it, nothing
+    deeper), as a WatchSource returns them."""
 
     @property
     def partial(self) -> int | None:
-        """The limit error (errno) met below the root while it was set up, if any."""
+        """The limit error (errno) met watching its session folders while it was set up, if any."""
         ...
 
 
@@ -81,7 +82,7 @@ def folder_ident(path: str) -> Ident | None:
 class _Project:
     project: str
     sessions_dir: str  # as given, absolute
-    watched_dir: str  # its real path: what the recursive watch is on
+    watched_dir: str  # its real path: what is watched
     retry: Backoff  # delays between attempts to watch it, growing while they keep failing
     state: ProjectState = "missing"
     watch: Tree | None = None
@@ -210,7 +211,7 @@ class ProjectWatches:
 
     def _check(self, entry: _Project) -> list[Resync]:
         """Compare a project's watches with its folders on disk and repair them: the sessions folder
-        removed, replaced (same name, another inode) or created, its emitter gone, its parent gone."""
+        removed, replaced (same name, another inode) or created, its watch ended, its parent gone."""
         if entry.state == "fallback":
             return []  # its retries follow their own backoff
         if (
@@ -229,7 +230,7 @@ class ProjectWatches:
         ):
             if entry.parent_wd is None:
                 # The sessions folder stayed but its parent changed: watch the new parent. Only
-                # that: re-arming would end the emitter, whose end asks for a check, and so on.
+                # that: re-arming would end its watch, whose end asks for a check, and so on.
                 with contextlib.suppress(OSError):
                     self._add_parent_watch(source, entry)
             return []

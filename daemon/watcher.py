@@ -1,10 +1,12 @@
 """Watch every project's sessions folder with inotify and turn filesystem events into session keys.
 
-One inotify instance (an InotifySource) serves all projects: one recursive watch per sessions
-folder, never a root or a whole repository, plus one plain watch on its parent folder that tells
-when the sessions folder itself is removed, replaced or created. Whatever may have lost events (an
-inotify queue overflow, the observer dying, a watch that cannot be added) becomes an
-`on_resync(project, reason)`, so the caller rescans instead of trusting a partial picture.
+One inotify instance (an InotifySource) with one reader thread serves all projects. Every watch is
+plain: each sessions folder (never a root or a whole repository), each session folder right inside
+it, and the sessions folder's parent, which tells when the sessions folder itself is removed,
+replaced or created. A project costs 2 watches plus one per session, whatever lies deeper.
+Whatever may have lost events (an inotify queue overflow, the observer dying, a watch that cannot
+be added) becomes an `on_resync(project, reason)`, so the caller rescans instead of trusting a
+partial picture.
 
 This module is the threads and the observer's lifecycle (start, stop, replacement after an
 overflow, restarts with backoff); what events mean is session_paths.py, each project's watch
@@ -88,8 +90,9 @@ class SourceFactory(Protocol):
 
 
 class SessionWatcher:
-    """One inotify observer for all projects; one recursive watch per project on its sessions
-    folder (never a root or a whole repository). Translates events into SessionKeys."""
+    """One inotify observer (event source) for all projects: per project its sessions folder, the
+    session folders in it and its parent are watched, nothing deeper. Translates events into
+    SessionKeys."""
 
     def __init__(
         self,
@@ -106,8 +109,8 @@ class SessionWatcher:
         self._source_factory = source_factory
         self._backoff_min, self._backoff_max = retry_backoff_s
         # Lock order: _lock (project table, calls into the observer) before _signal (the inbox of
-        # the maintenance thread). watchdog's threads only ever take _signal, so they never wait on
-        # us while we wait on them (unscheduling a watch joins its emitter thread).
+        # the maintenance thread). The source's reader thread only ever takes _signal, so it never
+        # waits on us while we wait on it (stopping a source joins its thread).
         self._lock = threading.RLock()
         self._signal = threading.Condition(threading.Lock())
         self._observer: EventSource | None = None
@@ -128,7 +131,7 @@ class SessionWatcher:
         self._restart_backoff = Backoff(self._backoff_min, self._backoff_max)
         self._last_restart = -float("inf")
         # under _signal: the inbox, the next timer, the counters
-        self._checks: set[str] = set()  # projects, or "\0" + watched folder (emitter ended)
+        self._checks: set[str] = set()  # projects, or "\0" + watched folder (its watch ended)
         self._limit_hits: dict[str, int] = {}  # watched folder -> errno
         self._overflowed = False
         self._observer_died = False
@@ -185,7 +188,7 @@ class SessionWatcher:
             return dict(self._table.states())
 
     def is_alive(self) -> bool:
-        """The maintenance thread runs and so does the observer (dispatcher and inotify reader).
+        """The maintenance thread runs and so does the observer (its inotify reader thread).
         With no observer at all (inotify instance limit) every project is scanned periodically by
         the maintenance thread, which then counts as alive. Takes no lock: a health check must not
         wait behind a rebuild of the watches."""
@@ -198,13 +201,13 @@ class SessionWatcher:
         with self._signal:
             return dict(self._counts)
 
-    # --- called on watchdog's threads: take _signal only ---
+    # --- called on the source's reader thread: take _signal only ---
 
     def _on_fs_event(self, project: str, watched_dir: str, change: FsEvent) -> None:
         with self._signal:
             self._counts["events"] += 1
         if change.src == watched_dir:
-            # IN_DELETE_SELF of the sessions folder (its emitter has stopped itself).
+            # IN_DELETE_SELF or IN_MOVE_SELF of the sessions folder: its watch is checked.
             self._request_check(project)
             return
         for slug in event_slugs(watched_dir, change):
@@ -234,7 +237,7 @@ class SessionWatcher:
             self._limit_hits.setdefault(watched_dir, err)
             self._signal.notify()
 
-    def _emitter_exited(self, watched_dir: str) -> None:
+    def _tree_exited(self, watched_dir: str) -> None:
         # Mapped to its project by the maintenance thread: the table is under _lock.
         self._request_check("\0" + watched_dir)
 
@@ -325,7 +328,7 @@ class SessionWatcher:
                 on_overflow=self._on_overflow,
                 on_death=self._on_death,
                 on_limit=self._limit_hit,
-                on_tree_exit=self._emitter_exited,
+                on_tree_exit=self._tree_exited,
                 on_parent_change=self._request_check,
                 faults=self._faults,
             )

@@ -191,8 +191,10 @@ def test_a_lowered_watch_limit_through_the_seam_fails_with_the_sysctl_lines(
     user: NewUser, tmp_path: Path
 ) -> None:
     project, _ = _ready(user)
-    (project / "agents" / "sessions" / "first" / "research").mkdir()
-    # The project needs 4 watches: the sessions folder, first/, first/research/ and the parent.
+    (project / "agents" / "sessions" / "first" / "research" / "deep").mkdir(parents=True)
+    (project / "agents" / "sessions" / "second").mkdir()
+    # The project needs 4 watches: the sessions folder, its parent, first/ and second/ (nothing
+    # deeper: first/research/ costs none).
     doctor = Doctor(user, env=_seam(tmp_path, max_user_watches=3))
     assert doctor.code == 1
     assert set(doctor.failing()) - {"unit"} == {"inotify"}

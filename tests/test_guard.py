@@ -369,11 +369,6 @@ def _inotify_watches(pid: int) -> int:
     return count
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the recursive watcher watches every folder below the link; the watcher of issue #13 "
-    "(projects x 2 + sessions, nothing below a session) makes this pass: drop this mark then",
-)
 def test_a_linked_sessions_folder_costs_only_the_watches_of_its_children(tmp_path: Path) -> None:
     tree = tmp_path / "big"
     _big_tree(tree)  # 4 direct children, 900+ folders below them
@@ -382,4 +377,4 @@ def test_a_linked_sessions_folder_costs_only_the_watches_of_its_children(tmp_pat
     (project / "agents" / "sessions").symlink_to(tree)
     with Daemon(tmp_path, f"sqlite:///{tmp_path / 's.db'}", projects=[project]) as daemon:
         daemon.wait_started()
-        assert _inotify_watches(daemon.pid) <= 2 + 4 + 2  # the project's two, the children, slack
+        assert _inotify_watches(daemon.pid) == 2 + 4  # the project's two, one per direct child

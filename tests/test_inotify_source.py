@@ -1,13 +1,15 @@
-"""The contract between daemon/inotify_source.py and the installed watchdog.
+"""The contract between daemon/inotify_source.py and the installed watchdog, and the adapter's own
+table of watches on a real inotify instance.
 
-The adapter overrides watchdog methods and touches a few private members. A rename upstream would
-not raise anything: the override would silently become dead code (a lost overflow hook, a reader
-thread killed by KeyError). These tests fail instead, naming what moved, and what it should be.
+The adapter overrides methods of watchdog's InotifyFD and touches a few of its private members. A
+rename upstream would not raise anything at import: an override would silently become dead code (a
+lost overflow hook), a member an AttributeError on the reader thread. These tests fail instead,
+naming what moved.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import inspect
 import struct
 from collections.abc import Callable
@@ -16,12 +18,10 @@ from typing import Any
 
 import pytest
 import watchdog.version
-from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
-from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, WatchCallback
-from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, InotifyFD
 
 from sessionsync.daemon import inotify_source as adapter
+from sessionsync.daemon.inotify_faults import InotifyFaults, watches_held
 
 UPGRADE = "watchdog {} changed what daemon/inotify_source.py relies on: {}. Adapt the adapter, then the pin."
 
@@ -37,20 +37,9 @@ def _params(func: Callable[..., Any]) -> list[tuple[str, Any]]:
 # (our class, its watchdog base, method): our override must match the base's parameters exactly, or
 # watchdog's calls would miss it or break on it.
 OVERRIDES = [
-    (adapter._InotifyFD, InotifyFD, "add_callback"),
     (adapter._InotifyFD, InotifyFD, "read_events"),
     (adapter._InotifyFD, InotifyFD, "handle_event"),
     (adapter._InotifyFD, InotifyFD, "run"),
-    (adapter._Emitter, InotifyEmitter, "on_thread_start"),
-    (adapter._Emitter, InotifyEmitter, "run"),
-    (adapter._Observer, BaseObserver, "run"),
-    (adapter._Observer, BaseObserver, "on_thread_stop"),
-    (adapter._WatchGroup, InotifyWatchGroup, "_remove_watch_internally"),
-    (adapter._PromptMoveGrouper, InotifyMoveEventGrouper, "read_event"),
-    (adapter._PromptMoveGrouper, InotifyMoveEventGrouper, "put_event"),
-    (adapter._PromptMoveGrouper, InotifyMoveEventGrouper, "get_queued_moved_from_event"),
-    (adapter._PromptMoveGrouper, InotifyMoveEventGrouper, "discard_pending_events"),
-    (adapter._PromptMoveGrouper, InotifyMoveEventGrouper, "close"),
 ]
 
 
@@ -67,19 +56,12 @@ def test_every_override_still_overrides_a_method_of_that_signature(ours: type, b
         )
 
 
-def test_the_private_members_used_still_exist(tmp_path: Path) -> None:
-    fd = InotifyFD()  # a real, unstarted instance: the emitter's attributes are set in __init__
+def test_the_private_members_used_still_exist() -> None:
+    fd = InotifyFD()  # a real, unstarted instance: its attributes are set in __init__
     try:
-        emitter = InotifyEmitter(EventQueue(), ObservedWatch(tmp_path, recursive=True), inotify_fd=fd)
-        group_fields = {f.name for f in dataclasses.fields(InotifyWatchGroup)}
         for cls, names in adapter.WATCHDOG_PRIVATE_MEMBERS.items():
             for name in names:
-                here = (
-                    name in group_fields or hasattr(cls, name)
-                    if cls is InotifyWatchGroup
-                    else hasattr(emitter, name)
-                )
-                if not here:
+                if not hasattr(fd, name):
                     _fail(f"{cls.__name__}.{name} is gone")
     finally:
         fd.close()
@@ -88,41 +70,20 @@ def test_the_private_members_used_still_exist(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("method", "member"),
     [
-        # Our watch group replaces watchdog's only if the emitter reads it from `_inotify` ...
-        (InotifyEmitter.queue_events, "self._inotify"),
-        # ... our grouper is used only if the group reads events from `_move_event_grouper` ...
-        (InotifyWatchGroup.read_event, "self._move_event_grouper"),
-        # ... and a deleted watch goes through our tolerant `_remove_watch_internally`.
-        (InotifyWatchGroup.on_watch_deleted, "self._remove_watch_internally"),
-        # The seam's queue and watch limits and the limit reports sit on these two paths.
-        (InotifyWatchGroup._add_callback, "self._inotify_fd.add_callback("),
+        # The reader thread hands every event to handle_event, after read_events (the seam's queue).
         (InotifyFD.run, "self.read_events("),
+        (InotifyFD.run, "self.handle_event("),
+        # The descriptor is closed only under the lock, and once `_closed` is set: adding a watch
+        # under that lock, after checking the flag, never reaches a descriptor closed meanwhile.
+        (InotifyFD._read_event_buffer, "self._close_resources()"),
+        (InotifyFD._read_event_buffer, "if self._closed:"),
+        (InotifyFD.close, "self._closed = True"),
     ],
     ids=lambda x: getattr(x, "__qualname__", x),
 )
-def test_watchdog_still_goes_through_what_is_overridden(method: Callable[..., Any], member: str) -> None:
+def test_watchdog_still_goes_through_what_is_relied_on(method: Callable[..., Any], member: str) -> None:
     if member not in inspect.getsource(method):
-        _fail(f"{method.__qualname__} no longer uses {member}, so the override behind it is dead code")
-
-
-def test_no_public_method_of_the_move_grouper_is_left_inherited() -> None:
-    # _PromptMoveGrouper never runs the base's __init__: a method it inherits would use state that
-    # does not exist. A method new upstream must be written in it too.
-    public = {
-        name
-        for name, member in inspect.getmembers(InotifyMoveEventGrouper, inspect.isfunction)
-        if not name.startswith("_")
-    }
-    missing = sorted(name for name in public if name not in vars(adapter._PromptMoveGrouper))
-    if missing:
-        _fail(f"InotifyMoveEventGrouper has public methods the prompt grouper lacks: {missing}")
-
-
-def test_the_parent_watches_answer_every_watch_callback() -> None:
-    wanted = {name for name in vars(WatchCallback) if not name.startswith("_")}
-    missing = sorted(name for name in wanted if not hasattr(adapter._ParentWatches, name))
-    if missing:
-        _fail(f"WatchCallback now also calls {missing}, which _ParentWatches lacks")
+        _fail(f"{method.__qualname__} no longer uses {member}, which the adapter relies on")
 
 
 def test_a_queue_overflow_reaches_handle_event(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,3 +104,69 @@ def test_the_pin_matches_the_version_tested() -> None:
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
     assert '"watchdog>=7.1,<7.2"' in pyproject
     assert watchdog.version.VERSION_INFO[:2] == (7, 1), watchdog.version.VERSION_STRING
+
+
+# --- the adapter's watch table on a real instance ---------------------------------------------------
+
+
+class Owner:
+    def __init__(self) -> None:
+        self.events: list[tuple[InotifyEvent, str]] = []
+        self.gone: list[tuple[int, str]] = []
+
+    def on_event(self, event: InotifyEvent, name: str) -> None:
+        self.events.append((event, name))
+
+    def on_gone(self, wd: int, name: str) -> None:
+        self.gone.append((wd, name))
+
+
+@pytest.fixture
+def fd() -> Any:
+    made = adapter._InotifyFD(on_overflow=lambda: None, on_death=lambda: None, faults=InotifyFaults())
+    made.start()  # its reader thread closes the descriptor when stopped
+    yield made
+    made.stop()
+    made.join(5)
+
+
+def test_a_folder_held_by_two_owners_is_one_watch_until_both_let_go(fd: Any, tmp_path: Path) -> None:
+    held = watches_held()
+    one, two = Owner(), Owner()
+    wd = fd.add_watch(str(tmp_path), one, "")
+    assert fd.add_watch(str(tmp_path), two, "s1") == wd
+    assert fd.add_watch(str(tmp_path), one, "") == wd  # again: still one holder
+    assert watches_held() == held + 1
+    fd.remove_watch(wd, one)
+    assert watches_held() == held + 1
+    fd.handle_event(InotifyEvent(wd, InotifyConstants.IN_CREATE, 0, b"x"))
+    assert [name for _, name in two.events] == ["s1"] and one.events == []
+    fd.remove_watch(wd, two)
+    assert watches_held() == held
+    assert fd.watch_count() == 0
+
+
+def test_an_ended_watch_tells_each_holder(fd: Any, tmp_path: Path) -> None:
+    one, two = Owner(), Owner()
+    wd = fd.add_watch(str(tmp_path), one, "")
+    fd.add_watch(str(tmp_path), two, "s1")
+    fd.handle_event(InotifyEvent(wd, InotifyConstants.IN_IGNORED, 0, b""))
+    assert (one.gone, two.gone) == ([(wd, "")], [(wd, "s1")])
+    assert fd.watch_count() == 0
+
+
+def test_what_cannot_be_watched_raises_as_inotify_does(fd: Any, tmp_path: Path) -> None:
+    owner = Owner()
+    with pytest.raises(FileNotFoundError):
+        fd.add_watch(str(tmp_path / "missing"), owner, "")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError):
+        fd.add_watch(str(tmp_path / "file"), owner, "")
+    (tmp_path / "link").symlink_to(tmp_path)
+    with pytest.raises(NotADirectoryError):  # a link is not followed
+        fd.add_watch(str(tmp_path / "link"), owner, "")
+    fd._faults.max_user_watches = watches_held()
+    with pytest.raises(OSError) as raised:
+        fd.add_watch(str(tmp_path), owner, "")
+    assert raised.value.errno == errno.ENOSPC
+    assert fd.watch_count() == 0

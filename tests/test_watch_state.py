@@ -313,7 +313,7 @@ def test_checks_repair_a_removed_replaced_or_dead_watch() -> None:
     t = make_table(P, AGENTS, SESSIONS)
     t.watches.add(P, SESSIONS, SESSIONS)
     assert t.watches.check(P) == []  # nothing changed
-    t.source.trees[SESSIONS].alive = False  # its emitter ended by itself
+    t.source.trees[SESSIONS].alive = False  # its watch ended by itself
     assert t.watches.check("\0" + SESSIONS) == [(P, RESYNC_REWATCHED)]
     t.folders.rmtree(SESSIONS)
     t.folders.mkdir(SESSIONS)  # same name, another inode

@@ -26,17 +26,17 @@ import pytest
 from loguru import logger
 
 from sessionsync.daemon.inotify_faults import InotifyFaults, watches_held
-from sessionsync.daemon.inotify_source import PromptDelayedQueue
+from sessionsync.daemon.inotify_source import InotifySource
 from sessionsync.daemon.watcher import SessionWatcher
 from sessionsync.models.keys import SessionKey
 from tests.support.inotify_limits import Sysctl, user_namespaces_usable
+from tests.support.oracle import converged
 from tests.support.recorder import Recorder
+from tests.support.runner import Daemon
+from tests.support.sessions import fixture_doc, remove_session, write_state
+from tests.support.waiting import wait_for
 
 TIMEOUT = 5.0
-
-# The watcher silences this harmless watchdog warning at import, but pytest resets the warning
-# filters set while collecting, so it is silenced again here.
-pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 
 
 class Project:
@@ -280,10 +280,15 @@ def test_a_failing_handler_does_not_kill_the_observer(rec: Recorder, tmp_path: P
 def test_a_dead_observer_is_restarted_and_everything_resynced(
     rec: Recorder, watcher: SessionWatcher, proj: Project
 ) -> None:
-    # Fault injection: an entry the dispatcher cannot unpack raises inside watchdog's thread.
+    # Fault injection: the reader thread's next read raises, once the event written here wakes it.
     source = watcher._observer
-    assert source is not None
-    source.observer.event_queue.put(("not an (event, watch) pair",))  # type: ignore[arg-type]
+    assert isinstance(source, InotifySource)
+
+    def broken(**kwargs: object) -> list[object]:
+        raise RuntimeError("injected: the inotify reader fails")
+
+    source.fd.read_events = broken  # type: ignore[method-assign,assignment]
+    proj.write("wake")
     rec.expect_resync(proj.name, "inotify observer restarted")
     assert watcher.counters()["observer_restarts"] == 1
     assert watcher._observer is not source
@@ -518,22 +523,83 @@ def test_thousands_of_sessions_start_quickly_and_events_flow(
     assert watcher.counters()["overflows"] == 0
 
 
-def test_a_paired_rename_is_released_at_once() -> None:
-    # watchdog holds an IN_MOVED_FROM to pair it; once paired (removed), what follows must not
-    # wait out the hold. Here the hold is 60 s, so only a prompt release passes.
-    queue: PromptDelayedQueue[str] = PromptDelayedQueue(60.0)
-    got: list[str | None] = []
-    done = threading.Event()
+def _daemon_watches(pid: int) -> int:
+    """inotify watches a process holds: one `inotify wd:` line each in its inotify fdinfo."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                count += Path(f"/proc/{pid}/fdinfo/{fd}").read_text().count("inotify wd:")
+        except OSError:
+            continue  # closed meanwhile
+    return count
 
-    def consume() -> None:
-        got.append(queue.get())
-        done.set()
 
-    queue.put("moved_from", delay=True)
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    assert queue.remove(lambda item: item == "moved_from") == "moved_from"
-    queue.put("moved_pair")
-    assert done.wait(5)
-    assert got == ["moved_pair"]
-    queue.close()
+def test_the_daemon_holds_two_watches_per_project_and_one_per_session_whatever_lies_deeper(
+    tmp_path: Path, db_url: str
+) -> None:
+    projects = [tmp_path / "one", tmp_path / "two"]
+    for n, project in enumerate(projects):
+        for i in range(3):
+            write_state(project, f"s{i}", fixture_doc("v2-spec"))
+        deep = project / "agents" / "sessions" / "s0"
+        for a in range(6 + n):  # research/ 3 levels deep, a few hundred folders
+            for b in range(6):
+                for c in range(6):
+                    (deep / "research" / f"a{a}" / f"b{b}" / f"c{c}").mkdir(parents=True)
+        (deep / "debug" / "deeper").mkdir(parents=True)
+        (deep / "context").mkdir()
+    with Daemon(tmp_path, db_url, projects=projects, debounce_ms=20) as daemon:
+        daemon.wait_started()
+        base = len(projects) * 2 + 6
+        assert _daemon_watches(daemon.pid) == base
+        # A session folder created, then one removed: one watch more, then one fewer.
+        write_state(projects[1], "new", fixture_doc("v2-build"))
+        wait_for(lambda: _daemon_watches(daemon.pid) == base + 1, timeout=TIMEOUT)
+        remove_session(projects[0], "s0")  # the deep one
+        wait_for(lambda: _daemon_watches(daemon.pid) == base, timeout=TIMEOUT)
+        # Deeper folders still cost nothing, and their files stay out of the mirror.
+        (projects[1] / "agents" / "sessions" / "s1" / "research" / "x" / "y").mkdir(parents=True)
+        (projects[1] / "agents" / "sessions" / "s1" / "spec.md").write_text("# spec")
+        wait_for(lambda: converged(db_url, projects), timeout=TIMEOUT)
+        assert _daemon_watches(daemon.pid) == base
+
+
+def test_watches_follow_session_folders_renamed_moved_out_and_linked(
+    rec: Recorder, proj: Project, tmp_path: Path
+) -> None:
+    # proj holds its parent, its sessions folder and session a: 3 watches, counted by the kernel.
+    held = watches_held()
+    (proj.sessions / "a").rename(proj.sessions / "b")
+    rec.expect_keys(proj.key("a"), proj.key("b"))
+    assert watches_held() == held  # the same folder, watched under its new name
+    proj.write("b", '{"n": 1}', atomic=False)
+    rec.clear()
+    proj.write("b", '{"n": 2}', atomic=False)
+    rec.expect_keys(proj.key("b"))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (proj.sessions / "b").rename(outside / "b")
+    rec.expect_keys(proj.key("b"))
+    assert watches_held() == held - 1  # moved out: its watch went with it
+    rec.clear()
+    (outside / "b" / "state.json").write_text('{"n": 3}')
+    os.symlink(outside / "b", proj.sessions / "linked")  # a link: a session, but not followed
+    (proj.sessions / "c" / "research" / "deep").mkdir(parents=True)
+    rec.expect_keys(proj.key("linked"), proj.key("c"))
+    assert watches_held() == held  # c, and nothing for the link or c/research
+    assert proj.key("b") not in sentinel(rec, proj)  # what is written outside is not this project's
+
+
+def test_one_reader_thread_serves_every_project(
+    rec: Recorder, watcher: SessionWatcher, tmp_path: Path
+) -> None:
+    first = Project(tmp_path / "p0")
+    assert watcher.watch(first.name, str(first.sessions))
+    threads = threading.active_count()
+    others = [Project(tmp_path / f"p{n}") for n in range(1, 30)]
+    for p in others:
+        assert watcher.watch(p.name, str(p.sessions))
+    assert threading.active_count() == threads
+    others[-1].write("s")
+    rec.expect_keys(others[-1].key("s"))
