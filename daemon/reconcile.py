@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from loguru import logger
@@ -160,9 +160,11 @@ def reconcile(
             # A batch the pipeline could not vouch for is synced again, still under its claim.
             result = sync_batch(store, refs, batch.keys, max_bytes) if batch.redo else batch.result
             batch.release.close()
-            summary.totals.add(result)
             if on_batch is not None:
                 on_batch(result)
+            # The summary counts; it keeps no events (a cold pass over 100,000 sessions would hold
+            # every one of them until the daemon's next reconcile).
+            summary.totals.add(replace(result, events=[]))
             if on_progress is not None:
                 nonlocal done_keys
                 done_keys += len(batch.keys)
