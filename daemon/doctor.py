@@ -349,8 +349,10 @@ def _projects(ctx: _Context) -> tuple[Finding, list[ProjectPath]] | None:
         by_state: dict[str, list[str]] = {}
         for entry in watch:
             by_state.setdefault(entry["state"], []).append(ctx.shown(entry["project"]))
-        counts = ", ".join(f"{len(paths)} {state}" for state, paths in sorted(by_state.items()))
-        head = f"{len(watch)} watched ({counts})" if watch else "none watched"
+        # watch_states counts every project; the watch list may leave live ones out to fit a line.
+        states = ctx.daemon.get("watch_states") or {k: len(v) for k, v in by_state.items()}
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        head = f"{sum(states.values())} watched ({counts})" if states else "none watched"
         if "fallback" in by_state:
             issues.add(
                 "WARN",

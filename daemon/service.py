@@ -12,6 +12,7 @@ see only the facade at the end of Service (status, pause, resume, resync, reconc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -26,6 +27,7 @@ from loguru import logger
 from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
+from sessionsync.daemon.control.protocol import MAX_LINE
 from sessionsync.daemon.db import make_engine, make_private
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
@@ -601,40 +603,46 @@ class Service:
         watch = self.watcher.projects()
         health = self.health
         nightly = self.schedule.next_nightly()
-        return {
-            "version": version(),
-            "state": self.state,
-            "pid": os.getpid(),
-            "config": str(self.cfg.source) if self.cfg.source else None,
-            "uptime_s": round(time.time() - self.started_at),
-            "next_reconcile_at": nightly.isoformat() if nightly else None,
-            "projects": len(self.registry),
-            "sessions": self.live_sessions,
-            "pending": self.queue.pending() + len(self.debouncer),
-            "in_flight": self.queue.busy(),
-            "database_ok": health.ok,
-            "database": {
-                "url": self._database_label,
-                "ok": health.ok,
-                "outages": health.outages,
-                "last_error": health.last_error or None,
-            },
-            "paused": self.queue.paused,
-            "last_reconcile_at": self.last_reconcile_at.isoformat() if self.last_reconcile_at else None,
-            "reconcile": self._reconcile_status(),
-            "watch": [{"project": path, "state": state} for path, state in sorted(watch.items())],
-            "counters": {
-                **self._counters(),
-                **self.watcher.counters(),
-                "batches": self.workers.batches,
-                "rows_written": self.workers.written,
-                "batch_failures": self.workers.failures,
-                "floods": self.debouncer.floods,
-                "database_outages": health.outages,
-                "subscribers": self.hub.subscriber_count(),
-            },
-            "recent_errors": self._recent_errors.entries(),
-        }
+        states: dict[str, int] = {}
+        for state in watch.values():
+            states[state] = states.get(state, 0) + 1
+        return fit_watch_list(
+            {
+                "version": version(),
+                "state": self.state,
+                "pid": os.getpid(),
+                "config": str(self.cfg.source) if self.cfg.source else None,
+                "uptime_s": round(time.time() - self.started_at),
+                "next_reconcile_at": nightly.isoformat() if nightly else None,
+                "projects": len(self.registry),
+                "sessions": self.live_sessions,
+                "pending": self.queue.pending() + len(self.debouncer),
+                "in_flight": self.queue.busy(),
+                "database_ok": health.ok,
+                "database": {
+                    "url": self._database_label,
+                    "ok": health.ok,
+                    "outages": health.outages,
+                    "last_error": health.last_error or None,
+                },
+                "paused": self.queue.paused,
+                "last_reconcile_at": self.last_reconcile_at.isoformat() if self.last_reconcile_at else None,
+                "reconcile": self._reconcile_status(),
+                "watch": [{"project": path, "state": state} for path, state in sorted(watch.items())],
+                "watch_states": dict(sorted(states.items())),
+                "counters": {
+                    **self._counters(),
+                    **self.watcher.counters(),
+                    "batches": self.workers.batches,
+                    "rows_written": self.workers.written,
+                    "batch_failures": self.workers.failures,
+                    "floods": self.debouncer.floods,
+                    "database_outages": health.outages,
+                    "subscribers": self.hub.subscriber_count(),
+                },
+                "recent_errors": self._recent_errors.entries(),
+            }
+        )
 
     def _reconcile_status(self) -> dict[str, Any] | None:
         """The reconcile running now, if any: why, and how far (sessions seen of how many; total
@@ -815,3 +823,29 @@ def run_daemon(cfg: Config, config_arg: str | None, early: EarlySignals | None =
 
             raise DatabaseUnavailable(f"database error: {mask_secrets(str(exc))}") from None
         raise
+
+
+def fit_watch_list(reply: dict[str, Any], max_line: int = MAX_LINE) -> dict[str, Any]:
+    """The status reply made to fit one protocol line: with a thousand projects or so the `watch`
+    list alone outgrows it. Then live projects are left out from the end of the list, and only
+    after them the others, until it fits; `watch_left_out` says how many (`watch_states` still
+    counts every project)."""
+    # Measured as ASCII JSON: never shorter than the line the server sends.
+    size = len(json.dumps({"ok": True, "result": reply}, separators=(",", ":")))
+    if size <= max_line:
+        return reply
+    watch = reply["watch"]
+    excess = size - max_line + len(',"watch_left_out":') + len(str(len(watch)))
+    dropped: set[int] = set()
+    for live_only in (True, False):
+        for i in reversed(range(len(watch))):
+            if excess <= 0:
+                break
+            if i not in dropped and (watch[i]["state"] == "live" or not live_only):
+                dropped.add(i)
+                excess -= len(json.dumps(watch[i], separators=(",", ":"))) + 1
+    return {
+        **reply,
+        "watch": [entry for i, entry in enumerate(watch) if i not in dropped],
+        "watch_left_out": len(dropped),
+    }

@@ -84,9 +84,10 @@ def render_status(status: Mapping[str, Any], client_config: str | None, home: st
     state = "ok" if status["database_ok"] else f"DOWN ({database.get('last_error')})"
     yield f"  database     {database['url']}: {state}"
     watch = status.get("watch", [])
-    states: dict[str, int] = {}
-    for entry in watch:
-        states[entry["state"]] = states.get(entry["state"], 0) + 1
+    states: dict[str, int] = status.get("watch_states") or {}
+    if not states:  # a daemon from before watch_states
+        for entry in watch:
+            states[entry["state"]] = states.get(entry["state"], 0) + 1
     by_state = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     yield (
         f"  projects     {status['projects']}{f' ({by_state})' if by_state else ''}, "
@@ -106,6 +107,10 @@ def render_status(status: Mapping[str, Any], client_config: str | None, home: st
     for entry in watch:
         if entry["state"] != "live":
             yield f"  watch {entry['state']:<6} {shown_path(entry['project'], home)}"
+    not_live = sum(n for state, n in states.items() if state != "live")
+    listed = sum(entry["state"] != "live" for entry in watch)
+    if listed < not_live:
+        yield f"  watch        and {not_live - listed} more not live (`sessionsync status --json` lists them)"
     yield from _counters(status["counters"])
     for error in status["recent_errors"][-RECENT_ERRORS_SHOWN:]:
         where = error.get("session") or error.get("project")

@@ -20,6 +20,7 @@ from sessionsync.daemon.control.protocol import (
     read_line,
 )
 from sessionsync.daemon.errors import ControlError
+from sessionsync.daemon.service import fit_watch_list
 from sessionsync.models.control import (
     COMMANDS,
     ReconcileRequest,
@@ -152,3 +153,21 @@ def test_an_oversized_request_is_refused_before_sending() -> None:
     with pytest.raises(ProtocolError) as caught:
         encode_request({"cmd": "sync", "path": "/" + "x" * MAX_LINE})
     assert caught.value.code == "bad_request"
+
+
+def test_a_status_reply_for_thousands_of_projects_fits_one_line() -> None:
+    watch = [{"project": f"/home/me/code/project-{n:05d}", "state": "live"} for n in range(3000)]
+    watch[10]["state"] = watch[2999]["state"] = "fallback"
+    reply = {"pid": 1, "watch": watch, "watch_states": {"fallback": 2, "live": 2998}}
+    assert len(json.dumps(reply)) > MAX_LINE
+    fitted = fit_watch_list(reply)
+    line = encode_ok(fitted)  # the server's own encoder: raises past MAX_LINE
+    assert len(line) <= MAX_LINE + 1
+    assert MAX_LINE - len(line) < 200  # as many entries as fit, not a few
+    kept = fitted["watch"]
+    assert fitted["watch_left_out"] == 3000 - len(kept)
+    assert [e for e in kept if e["state"] != "live"] == [watch[10], watch[2999]]  # never the faults
+    assert kept == [e for e in watch if e in kept]  # still in the list's order
+    assert fitted["watch_states"] == {"fallback": 2, "live": 2998}
+    small = {"pid": 1, "watch": watch[:5], "watch_states": {"live": 5}}
+    assert fit_watch_list(small) is small
