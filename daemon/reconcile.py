@@ -46,6 +46,11 @@ class ReconcileSummary:
             f"{t.no_state} without state.json"
             + (f", {t.unstorable} skipped (folder name not UTF-8)" if t.unstorable else "")
             + (f", {len(self.unreadable)} project(s) skipped (unreadable)" if self.unreadable else "")
+            + (
+                f", {len(t.retry)} not read for now ({t.retry[0][1]}; nothing written for them: run it again)"
+                if t.retry
+                else ""
+            )
             + f", in {self.seconds * 1000:.0f} ms"
         )
 
@@ -62,6 +67,7 @@ class ReconcileSummary:
             "no_state": t.no_state,
             "unstorable": t.unstorable,
             "unreadable_projects": len(self.unreadable),
+            "not_read_for_now": len(t.retry),
             "ms": round(self.seconds * 1000),
         }
 

@@ -18,11 +18,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, select
 
+from sessionsync.daemon.batch import BatchResult
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
 from sessionsync.daemon.migrate import alembic_config, head_revision, upgrade
 from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
+from sessionsync.models.keys import SessionKey
 from sessionsync.models.migrations import HEAD
 from sessionsync.models.tables import metadata, projects, session_events, sessions
 from tests.support.databases import libpq_url
@@ -574,3 +576,14 @@ def test_a_connection_lost_mid_reconcile_is_redone_without_duplicates(pg_url: st
         assert (again.totals.written, again.totals.unchanged + again.totals.touched) == (0, 12)
     finally:
         engine.dispose()
+
+
+def test_a_summary_says_which_sessions_were_not_read_for_now() -> None:
+    # A reconcile that met EMFILE for some sessions wrote nothing for them; its one-line summary
+    # (what `sessionsync reconcile` prints) must not read like a complete pass.
+    summary = ReconcileSummary(projects=1, seen=3)
+    summary.totals.add(BatchResult(unchanged=1, retry=[(SessionKey("/p", "a"), "Too many open files")] * 2))
+    said = ", 2 not read for now (Too many open files; nothing written for them: run it again)"
+    assert said in summary.line()
+    assert summary.as_dict()["not_read_for_now"] == 2
+    assert "not read" not in ReconcileSummary(projects=1, seen=3).line()
