@@ -31,6 +31,9 @@ _WORKLOAD_LINES = (
     "(project vanished",
     "(sessions folder",
 )
+# A fault that stands to the end of the run, and the line each start of the daemon says it in
+# again: counted in its own window only, not in that of the fault that restarted the daemon.
+_STANDING = {"poison_name": "session folder name is not valid UTF-8"}
 
 
 def problems(db_url: str, project_dirs: Iterable[Path]) -> list[str]:
@@ -84,7 +87,10 @@ def read_log(out: Outcome, daemon: Daemon) -> None:
         if "RuntimeWarning" in line:
             warnings += 1
         logged = line[:4].isdigit()  # a log line, not a traceback's or a warning's continuation
-        if windows and logged and not any(w in line for w in _WORKLOAD_LINES):
+        repeated = any(
+            text in line for kind, text in _STANDING.items() if windows and windows[-1][0] != f"fault {kind}"
+        )
+        if windows and logged and not repeated and not any(w in line for w in _WORKLOAD_LINES):
             windows[-1] = (windows[-1][0], windows[-1][1] + 1)
     if warnings:
         out.notes.append(f"{warnings} RuntimeWarning line(s) from watchdog on the daemon's stderr")
