@@ -20,9 +20,17 @@ from tests.support.waiting import poll
 
 CONVERGE_DEADLINE_S = 30.0
 
-# Lines the workload causes whatever the fault: a bad file, a project or sessions folder that
-# comes or goes (and the reconcile that follows). Left out of the count of a fault's lines.
+# Lines the workload causes whatever the fault: a session's story (created, changed, deleted), a
+# bad file, a project or sessions folder that comes or goes (and the reconcile that follows).
+# Left out of the count of a fault's lines.
 _WORKLOAD_LINES = (
+    "] session created, phase ",
+    "] session deleted: ",
+    "] session restored: ",
+    "] phase ",
+    "] status ",
+    "state.json is valid again",
+    "state.json has fields of the wrong type",
     "state.json is invalid",
     "new project",
     "is gone",
