@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from sessionsync.daemon.testing_hooks import FALLBACK_SCAN_ENV
 from tests.support.databases import libpq_url
 from tests.support.inotify_limits import stand_in_env
 from tests.support.proxy import TcpProxy, proxied_url, url_target
-from tests.support.runner import Daemon
+from tests.support.runner import SESSIONSYNC, Daemon, as_uid
 
 DEFAULT_FAULT_GAP = (120, 400)
 CALM_FROM = 0.85  # the last 15 % of a run (of its seconds, or its --max-ops) has no faults
@@ -60,6 +61,18 @@ def _why_not_unprivileged(work: Path, db_url: str) -> str:
     url = make_url(db_url)
     if url.get_backend_name() == "sqlite" and Path(url.database or "").resolve().parent != work:
         return f"the SQLite file is not in the work folder {work}"
+    # That uid must be able to run the daemon at all: the interpreter may live in a private folder.
+    probe = subprocess.run(
+        [*as_uid(DAEMON_UID), str(SESSIONSYNC), "--version"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        said = probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"]
+        return f"uid {DAEMON_UID} cannot run {SESSIONSYNC}: {said[-1]}"
     for folder in work.parents:
         if not folder.stat().st_mode & stat.S_IXOTH:
             return f"uid {DAEMON_UID} cannot reach the work folder through {folder}"

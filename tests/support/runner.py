@@ -86,7 +86,7 @@ class Daemon:
         # Run through this first (e.g. `unshare --user ...`); it must exec the command it is given.
         self.command_prefix = list(command_prefix)
         if uid is not None:
-            self.command_prefix[:0] = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            self.command_prefix[:0] = as_uid(uid)
         self.db_url = db_url
         self.config_path = tmp / "sessionsync.toml"
         self.log_path = tmp / "daemon.log"
@@ -267,6 +267,11 @@ class Daemon:
     def log_count(self, text: str) -> int:
         """How many log lines contain `text`."""
         return sum(text in line for line in self.log().splitlines())
+
+
+def as_uid(uid: int) -> list[str]:
+    """The command prefix that runs a command as `uid` (and as that gid, with no other group)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
 
 
 _FOLDER_VARS = (
