@@ -175,7 +175,7 @@ class SessionWatcher:
             return state == "live"
 
     def rewatch(self, project: str) -> None:
-        """Watch `project` again from scratch (see WatchTable.rearm); the resync is the caller's."""
+        """Watch `project` again from scratch (see ProjectWatches.rearm); the resync is the caller's."""
         with self._lock:
             self._table.rearm(project)
             self._reschedule()
