@@ -168,7 +168,6 @@ class Service:
                 return EXIT_OK
             self.state = "starting: start-up reconcile"
             self.metrics.start(self.cfg.metrics)  # once the schema is there to be asked
-            self._refresh_projects(initial=True)
             self.workers.start()
             self.debounce.start()
             self.watcher.start()
@@ -330,7 +329,9 @@ class Service:
     # -- database and control socket ----------------------------------------------------------
 
     def _wait_for_database(self) -> bool:
-        """Migrate (or just connect); while the database is unreachable, wait with backoff."""
+        """Migrate (or just connect), then register the projects; while the database is unreachable
+        or refuses every write (a privilege taken away), wait with backoff, as a running daemon
+        does: a fault of the database at start-up is no reason to exit."""
         backoff = Backoff(*DATABASE_WAIT_BACKOFF_S)
         while not self._stop.is_set():
             try:
@@ -343,6 +344,7 @@ class Service:
                         logger.info("database schema upgraded from {} to {}", before or "empty", after)
                 self.store.check_schema()
                 self.store.remember_file()
+                self._refresh_projects(initial=True)
                 self.health.succeeded()
                 return True
             except Exception as exc:
