@@ -7,8 +7,8 @@ folder made unreadable (chmod 000, the folder channel); a session folder whose n
 
 At most one fault per channel is open at a time. An unreadable folder only bites a daemon that
 is not root: the run then starts it as uid DAEMON_UID (see run.py), and without that the kind is
-not dealt. The inotify limits are the daemon's own, through
-the watcher's test seam (stand-in files), or with `real_sysctl` the machine's fs.inotify sysctls.
+not dealt. The inotify limits are the daemon's own, through the watcher's test seam (stand-in
+files), or with `real_sysctl` the machine's fs.inotify sysctls.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Faults:
         self.proc_fault: _Fault | None = None  # process channel: kill9, sigterm, sigstop
         self.db_fault: _Fault | None = None  # database channel: db_cut, db_slow, db_lock
         self.folder_fault: _Fault | None = None  # folder channel: unreadable
-        self.poisoned = 0
+        self.poisoned = 0  # poison_name folders made: the n-th is named caf\xe9-n
 
     def start(self) -> None:
         """Deal the next fault and start it."""
