@@ -41,6 +41,9 @@ class BatchResult(WriteResult):
     # Sessions that could not be looked at for a reason not their own (Retry: out of file
     # descriptors...), with that reason: nothing was written; the caller tries them again later.
     retry: list[tuple[SessionKey, str]] = field(default_factory=list)
+    # Projects whose sessions folder could not be searched (Verdict.UNLISTED): nothing was written
+    # for their sessions; the caller reconciles those projects, which skips them until readable.
+    unlisted: list[str] = field(default_factory=list)
 
     def add(self, other: WriteResult) -> None:
         for name in (f.name for f in fields(other) if f.name != "events"):
@@ -96,6 +99,8 @@ def inspect_batch(
             result.recheck.append(key)
         elif isinstance(outcome, Retry):
             result.retry.append((key, outcome.reason))
+        elif outcome is Verdict.UNLISTED:
+            result.unlisted.append(key.project)
         elif outcome is Verdict.NO_STATE:
             result.no_state += 1
         elif isinstance(outcome, Change):

@@ -120,6 +120,9 @@ class Verdict(Enum):
     NO_STATE = "no_state"  # folder without state.json, and no live row to tombstone
     GONE = "gone"  # folder absent, and no live row
     UNSETTLED = "unsettled"  # does not parse but was just modified: may be half-written, look again
+    # A folder on the way (the sessions folder) may not be searched: the project's fault, not the
+    # session's. Nothing is recorded; the project is reconciled, which skips it until it can be.
+    UNLISTED = "unlisted"
 
 
 def inspect(
@@ -163,6 +166,9 @@ def _inspect(
         st = os.lstat(folder)
     except FileNotFoundError:
         return Change(key, Action.TOMBSTONE) if live else Verdict.GONE
+    except PermissionError:
+        # lstat needs only search permission on the folders above: the sessions folder's mode.
+        return Verdict.UNLISTED
     except OSError as exc:
         return _invalid(key, None, f"cannot read session folder {folder}: {_own(exc).strerror}")
     if stat.S_ISLNK(st.st_mode):

@@ -49,7 +49,15 @@ from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.progress import LogProgress
 from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.recent_errors import RecentErrors
-from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
+from sessionsync.daemon.reconcile import (
+    RESYNC_READABLE,
+    RESYNC_UNREADABLE,
+    ReconcileSummary,
+    freeze_long_lived,
+    reconcile,
+    register,
+    unreadable_projects,
+)
 from sessionsync.daemon.reconcile_queue import ReconcileJob, ReconcileQueue, Reconciler
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
 from sessionsync.daemon.store import Store, is_transient
@@ -163,7 +171,6 @@ class Service:
                 return EXIT_OK
             self.state = "starting: start-up reconcile"
             self.metrics.start(self.cfg.metrics)  # once the schema is there to be asked
-            self._refresh_projects(initial=True)
             self.workers.start()
             self.debounce.start()
             self.watcher.start()
@@ -325,7 +332,9 @@ class Service:
     # -- database and control socket ----------------------------------------------------------
 
     def _wait_for_database(self) -> bool:
-        """Migrate (or just connect); while the database is unreachable, wait with backoff."""
+        """Migrate (or just connect), then register the projects; while the database is unreachable
+        or refuses every write (a privilege taken away), wait with backoff, as a running daemon
+        does: a fault of the database at start-up is no reason to exit."""
         backoff = Backoff(*DATABASE_WAIT_BACKOFF_S)
         while not self._stop.is_set():
             try:
@@ -338,6 +347,7 @@ class Service:
                         logger.info("database schema upgraded from {} to {}", before or "empty", after)
                 self.store.check_schema()
                 self.store.remember_file()
+                self._refresh_projects(initial=True)
                 self.health.succeeded()
                 return True
             except Exception as exc:
@@ -411,7 +421,12 @@ class Service:
         self._counts["discoveries"] += 1
 
     def rediscover(self) -> None:
-        """Discovery now (schedule, SIGHUP, `resync --all`); a database outage only postpones it."""
+        """Discovery now (schedule, SIGHUP, `resync --all`); a database outage only postpones it.
+        A project whose sessions folder could not be listed is looked at again: a chmod that
+        makes it readable raises no inotify event."""
+        stuck = unreadable_projects() & set(self.registry.refs())
+        if stuck:
+            self._request_reconcile(stuck, RESYNC_UNREADABLE)
         try:
             self._refresh_projects()
         except Exception as exc:
@@ -447,6 +462,7 @@ class Service:
             job.progress = (done, total)  # what `resync --wait` shows (control/handlers.py)
             log_progress(done, total)
 
+        unreadable = unreadable_projects()
         summary = reconcile(
             self.store,
             chosen,
@@ -458,11 +474,19 @@ class Service:
         )
         self.health.succeeded()
         self.registry.remove(sorted(job.forget))
+        back = {r.path for r in chosen} & unreadable - unreadable_projects()
+        for path in sorted(back):
+            # Session folders made in it while it could not be read went unwatched: watched anew,
+            # then reconciled again for what changed before the new watch.
+            self.watcher.rewatch(path)
+        if back:
+            self._request_reconcile(back, RESYNC_READABLE)
         self._counts["reconciles" if job.projects is None else "resyncs"] += 1
         now = datetime.now(UTC)
-        # A project without an inotify watch is scanned every half minute: only a scan that
-        # found something is worth a line at INFO.
-        routine = job.reason == RESYNC_FALLBACK and not summary.as_dict()["changed"]
+        # A project without an inotify watch is scanned every half minute, one that cannot be
+        # listed at every discovery: only a scan that found something is worth a line at INFO.
+        looks = (RESYNC_FALLBACK, RESYNC_UNREADABLE, RESYNC_READABLE)
+        routine = job.reason in looks and not summary.as_dict()["changed"]
         logger.log("DEBUG" if routine else "INFO", "{} ({})", summary.line(), job.reason)
         events: list[dict[str, Any]] = [
             {"kind": PROJECT_RESYNCED, "project": r.path, "at": now.isoformat(), "reason": job.reason}
@@ -512,6 +536,7 @@ class Service:
         )
         self.metrics.tally.add("live", result)
         self.debounce.later(result.recheck)
+        self._skip_unlisted(result)
         return result
 
     def _reconciled_batch(self, result: BatchResult) -> None:
@@ -521,8 +546,15 @@ class Service:
     def _published_batch(self, result: BatchResult) -> None:
         if result.retry:  # not readable now for a reason not their own: the workers try again
             self.queue.submit(key for key, _ in result.retry)
+        self._skip_unlisted(result)
         if result.events:
             self._publish(result.events)
+
+    def _skip_unlisted(self, result: BatchResult) -> None:
+        """A sessions folder that may not be searched: its project is reconciled, which skips it
+        (its rows kept, one line) and looks again at every discovery until it can be read."""
+        if result.unlisted:
+            self._request_reconcile(set(result.unlisted), RESYNC_UNREADABLE)
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
         log_changes(events)

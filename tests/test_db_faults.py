@@ -117,6 +117,37 @@ def test_a_revoked_privilege_is_a_database_fault_not_the_sessions(tmp_path: Path
     assert "refused this state" not in log, log
 
 
+def test_a_privilege_revoked_while_the_daemon_starts_is_waited_out(tmp_path: Path, pg_url: str) -> None:
+    """Registering the projects at start-up is refused (no INSERT on projects): the daemon waits,
+    as for an outage, instead of exiting; given the privilege back it starts and mirrors."""
+    project = tmp_path / "proj"
+    write_state(project, "before", fixture_doc("v2-spec"))
+    schema = str(make_url(pg_url).query["options"]).split("=", 1)[1]
+    with _own_role(pg_url) as (url, role):
+        daemon = Daemon(tmp_path, url, projects=[project], debounce_ms=50)
+        with daemon:
+            daemon.wait_started()  # the schema made, as the daemon's role
+            assert daemon.stop() == 0
+        _admin(pg_url, f"REVOKE INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} FROM {role}")
+        write_state(project, "meanwhile", fixture_doc("v2-build"))
+        other = tmp_path / "other"
+        write_state(other, "elsewhere", fixture_doc("v2-spec"))  # a project to register anew
+        daemon = Daemon(tmp_path, url, projects=[project, other], debounce_ms=50)
+        with daemon:
+            try:
+                wait_for(lambda: daemon.log_count("permission denied for table projects") == 1, timeout=15)
+                status = daemon.status()
+                assert status["state"] == "starting: waiting for the database", status
+            finally:
+                _admin(pg_url, f"GRANT INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} TO {role}")
+            daemon.wait_started(timeout=40)
+            wait_for(lambda: converged(url, [project, other]), timeout=10)
+            assert daemon.stop() == 0
+        log = daemon.log()
+    assert log.count("database unavailable: ") == 1, log
+    assert "Traceback" not in log, log
+
+
 def test_a_stalled_connection_is_noticed_shown_and_retried_on_a_fresh_one(
     tmp_path: Path, pg_url: str
 ) -> None:

@@ -3,6 +3,7 @@ sessions, to the logs, or to the database."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -190,6 +191,65 @@ def test_an_unreadable_sessions_folder_skips_its_project_and_reconciles_the_othe
     with sqlite3.connect(database) as conn:
         rows = dict(conn.execute("SELECT slug, title || coalesce(deleted_at, '') FROM sessions").fetchall())
     assert rows == {"in-a": "first", "in-b": "edited"}  # A's row kept, not tombstoned
+
+
+def test_a_sessions_folder_unreadable_under_a_running_daemon_keeps_its_rows_until_readable(
+    unprivileged_tmp: Path,
+) -> None:
+    """Changes made while the daemon may not search the sessions folder (sessions edited, made,
+    removed) mark no session invalid; the project is skipped with one line, and once readable
+    again (a chmod: no inotify event) it converges, the session folders made meanwhile watched."""
+    from tests.support.oracle import converged
+    from tests.support.runner import Daemon
+    from tests.support.waiting import wait_for
+
+    project = unprivileged_tmp / "proj"
+    for slug in ("edited", "removed", "kept"):
+        write_state(project, slug, {**fixture_doc("v2-spec"), "topic": slug})
+    url = f"sqlite:///{unprivileged_tmp / 's.db'}"
+    sessions = project / "agents" / "sessions"
+    with Daemon(
+        unprivileged_tmp, url, projects=[project], uid=NOBODY, debounce_ms=20, discover_interval_s=1
+    ) as daemon:
+        daemon.wait_started()
+        wait_for(lambda: converged(url, [project]), timeout=10)
+        sessions.chmod(0o000)
+        write_state(project, "edited", {**fixture_doc("v2-spec"), "topic": "edited again"})
+        write_state(project, "made", {**fixture_doc("v2-spec"), "topic": "made"})
+        shutil.rmtree(sessions / "removed")
+        wait_for(lambda: daemon.log_count("skipping this project (its rows are kept)") == 1, timeout=10)
+        with sqlite3.connect(unprivileged_tmp / "s.db") as conn:
+            rows = conn.execute(
+                "SELECT slug, title, invalid, deleted_at FROM sessions ORDER BY slug"
+            ).fetchall()
+        assert rows == [
+            ("edited", "edited", 0, None),
+            ("kept", "kept", 0, None),
+            ("removed", "removed", 0, None),
+        ]
+        sessions.chmod(0o755)
+        wait_for(lambda: converged(url, [project]), timeout=10)
+        # inotify watches nothing it may not read: the folder made meanwhile is watched only now.
+        made = (sessions / "made").stat().st_ino
+        wait_for(lambda: made in _watched_inodes(daemon.pid), timeout=10)
+        write_state(project, "made", {**fixture_doc("v2-spec"), "topic": "made, then edited"})
+        wait_for(lambda: converged(url, [project]), timeout=10)
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert "Traceback" not in log
+    assert "Permission denied" in log and log.count("Permission denied") == 1, log
+    assert log.count("can be read again") == 1, log
+
+
+def _watched_inodes(pid: int) -> set[int]:
+    """The inodes process `pid` has inotify watches on (its /proc fdinfo)."""
+    inodes = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            for line in info.read_text().splitlines():
+                if line.startswith("inotify wd:"):
+                    inodes.add(int(line.split(" ino:")[1].split()[0], 16))
+    return inodes
 
 
 _WRITE_SESSIONS = """

@@ -4,6 +4,7 @@ must hold no traceback, and says in how many lines each fault told its story."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,9 +21,17 @@ from tests.support.waiting import poll
 
 CONVERGE_DEADLINE_S = 30.0
 
-# Lines the workload causes whatever the fault: a bad file, a project or sessions folder that
-# comes or goes (and the reconcile that follows). Left out of the count of a fault's lines.
+# Lines the workload causes whatever the fault: a session's story (created, changed, deleted), a
+# bad file, a project or sessions folder that comes or goes (and the reconcile that follows).
+# Left out of the count of a fault's lines.
 _WORKLOAD_LINES = (
+    "] session created, phase ",
+    "] session deleted: ",
+    "] session restored: ",
+    "] phase ",
+    "] status ",
+    "state.json is valid again",
+    "state.json has fields of the wrong type",
     "state.json is invalid",
     "new project",
     "is gone",
@@ -31,6 +40,10 @@ _WORKLOAD_LINES = (
     "(project vanished",
     "(sessions folder",
 )
+# The warning about the n-th poison_name folder (caf\xe9-n, logged escaped), said once by each
+# start of the daemon that sees it: its first saying is that fault's, wherever it falls (the
+# daemon may be stopped, or its database away, when the folder appears); the others are repeats.
+_POISON_LINE = re.compile(r"caf\\udce9-(\d+)\] session folder name is not valid UTF-8")
 
 
 def problems(db_url: str, project_dirs: Iterable[Path]) -> list[str]:
@@ -71,12 +84,15 @@ def read_log(out: Outcome, daemon: Daemon) -> None:
     """How many daemon lines each fault tells its story in (from its start to the next fault or
     the final check; lines about what the workload did aside), and every traceback: a bug."""
     windows: list[tuple[str, int]] = []
+    poisons: dict[int, int] = {}  # the n-th poison_name -> its window, until its line is found
     warnings = 0
     for line in daemon.log().splitlines():
         if line.startswith(MARKER):
             label = line.split(": ", 2)[-1]
             if not label.startswith("heal "):
                 windows.append((label, 0))
+            if label == "fault poison_name":
+                poisons[len(poisons) + 1] = len(windows) - 1
             continue
         if "Traceback" in line:
             near = windows[-1][0] if windows else "start"
@@ -84,6 +100,12 @@ def read_log(out: Outcome, daemon: Daemon) -> None:
         if "RuntimeWarning" in line:
             warnings += 1
         logged = line[:4].isdigit()  # a log line, not a traceback's or a warning's continuation
+        poison = _POISON_LINE.search(line)
+        if poison:
+            window = poisons.pop(int(poison[1]), None)
+            if window is not None:
+                windows[window] = (windows[window][0], windows[window][1] + 1)
+            continue
         if windows and logged and not any(w in line for w in _WORKLOAD_LINES):
             windows[-1] = (windows[-1][0], windows[-1][1] + 1)
     if warnings:

@@ -1,20 +1,25 @@
 """The chaos run's faults, dealt and healed by operation counts: kill -9, SIGTERM mid-burst and
 SIGSTOP (the process channel); the database cut off, slow or stalled (bytes stop, the connection
 stays open) behind the proxy, or the daemon's role losing INSERT and UPDATE (PostgreSQL), or
-SQLite's write lock held, or its file deleted (the database channel); an inotify queue overflow
-and running out of watches.
+SQLite's write lock held, or its file deleted (the database channel); a project's sessions
+folder made unreadable (chmod 000, the folder channel); a session folder whose name is not UTF-8
+(it stays to the end of the run); an inotify queue overflow and running out of watches.
 
-At most one fault per channel is open at a time. The inotify limits are the daemon's own, through
-the watcher's test seam (stand-in files), or with `real_sysctl` the machine's fs.inotify sysctls.
+At most one fault per channel is open at a time. An unreadable folder only bites a daemon that
+is not root: the run then starts it as uid DAEMON_UID (see run.py), and without that the kind is
+not dealt. The inotify limits are the daemon's own, through the watcher's test seam (stand-in
+files), or with `real_sysctl` the machine's fs.inotify sysctls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
 import sqlite3
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,7 @@ from tests.support.proxy import TcpProxy
 from tests.support.runner import Daemon
 from tests.support.waiting import poll
 
+DAEMON_UID = 65534  # nobody: the daemon's uid when the run is root (permission bits bind it)
 EXIT_DEADLINE_S = 60.0  # SIGTERM drains for up to 30 s while the database is away
 START_DEADLINE_S = 30.0
 
@@ -39,6 +45,9 @@ class _Fault:
     kind: str
     heal_at: int  # the op count at which it is healed
     lock: sqlite3.Connection | None = None  # db_lock: the connection holding SQLite's write lock
+    folder: Path | None = None  # unreadable: the sessions folder made unreadable
+    mode: int = 0  # unreadable: its mode before
+    inode: int = 0  # unreadable: so that heal leaves a folder made anew since alone
 
 
 class Faults:
@@ -56,6 +65,7 @@ class Faults:
         stand_ins: Path,
         real_sysctl: bool,
         role: str | None = None,
+        daemon_uid: int | None = None,
     ) -> None:
         self.rng = rng
         self.out = out
@@ -67,16 +77,22 @@ class Faults:
         self.stand_ins = stand_ins
         self.real_sysctl = real_sysctl
         self.role = role  # PostgreSQL: the daemon's own login role, whose privileges db_revoke takes
+        # The daemon's uid when it is not ours (root's): files made for it are handed to it.
+        self.daemon_uid = daemon_uid
         self.deck: list[str] = []
         self.proc_fault: _Fault | None = None  # process channel: kill9, sigterm, sigstop
         self.db_fault: _Fault | None = None  # database channel: db_cut, db_slow, db_lock
+        self.folder_fault: _Fault | None = None  # folder channel: unreadable
+        self.poisoned = 0  # poison_name folders made: the n-th is named caf\xe9-n
 
     def start(self) -> None:
         """Deal the next fault and start it."""
         if not self.deck:
             # Dealt from a shuffled deck holding every kind: any run of that many faults meets
             # them all, in an order (and with overlaps) the seed decides.
-            self.deck = ["kill9", "kill9", "sigterm", "sigstop", "overflow", "watch_limit"]
+            self.deck = ["kill9", "kill9", "sigterm", "sigstop", "overflow", "watch_limit", "poison_name"]
+            if self.daemon_uid is not None:
+                self.deck.append("unreadable")
             if self.postgres:
                 self.deck += ["db_cut", "db_cut", "db_slow", "db_stall", "db_revoke"]
             else:
@@ -89,8 +105,18 @@ class Faults:
             # Both restart the daemon and wait for its watches: nothing else may be broken then.
             self.heal_proc()
             self.heal_db()
+            self.heal_folder()
             self._mark(f"fault {kind}")
             (self._overflow if kind == "overflow" else self._watch_limit)()
+            return
+        if kind == "poison_name":
+            self._mark(f"fault {kind}")
+            self._poison()
+            return
+        if kind == "unreadable":
+            self.heal_folder()
+            self._mark(f"fault {kind}")
+            self.folder_fault = self._unreadable(heal_at)
             return
         if kind.startswith("db_"):
             self.heal_db()
@@ -128,6 +154,8 @@ class Faults:
             self.heal_proc()
         if self.db_fault is not None and self.out.ops >= self.db_fault.heal_at:
             self.heal_db()
+        if self.folder_fault is not None and self.out.ops >= self.folder_fault.heal_at:
+            self.heal_folder()
 
     def heal_proc(self) -> None:
         fault, self.proc_fault = self.proc_fault, None
@@ -160,9 +188,20 @@ class Faults:
             fault.lock.rollback()
             fault.lock.close()
 
+    def heal_folder(self) -> None:
+        """The sessions folder gets its mode back, unless it was removed (or made anew) since."""
+        fault, self.folder_fault = self.folder_fault, None
+        if fault is None or fault.folder is None:
+            return
+        self._mark(f"heal {fault.kind}")
+        with contextlib.suppress(FileNotFoundError):
+            if fault.folder.stat().st_ino == fault.inode:
+                fault.folder.chmod(fault.mode)
+
     def heal_all(self) -> None:
         self.heal_proc()
         self.heal_db()
+        self.heal_folder()
         self.watch_for_crash()
 
     def watch_for_crash(self) -> None:
@@ -196,9 +235,34 @@ class Faults:
         with psycopg.connect(libpq_url(self.db_url), autocommit=True) as conn:
             conn.execute(statement.format(schema, self.role).encode())
 
+    def _poison(self) -> None:
+        """A session folder named in bytes that are not UTF-8, holding a valid state.json, in a
+        live project: never mirrored (no row can hold its name), and no other session may stop."""
+        self.poisoned += 1
+        sessions = os.fsencode(self.rng.choice(self.workload.live_projects()) / SESSIONS)
+        folder = Path(os.fsdecode(os.path.join(sessions, b"caf\xe9-%d" % self.poisoned)))
+        folder.mkdir()
+        (folder / "state.json").write_text(json.dumps({"topic": "poison", "phase_history": {}}))
+
+    def _unreadable(self, heal_at: int) -> _Fault:
+        """A live project's sessions folder made unreadable (chmod 000): the daemon skips that
+        project and keeps its rows; the workload, root, goes on changing it meanwhile."""
+        folder = self.rng.choice(self.workload.live_projects()) / SESSIONS
+        st = folder.stat()
+        folder.chmod(0)
+        return _Fault("unreadable", heal_at, folder=folder, mode=stat.S_IMODE(st.st_mode), inode=st.st_ino)
+
     def _sqlite_lock(self) -> sqlite3.Connection:
         """Another writer holding SQLite's write lock: the daemon's writes wait (busy timeout)."""
-        conn = sqlite3.connect(make_url(self.db_url).database or "", timeout=30, isolation_level=None)
+        database = make_url(self.db_url).database or ""
+        if self.daemon_uid is not None:
+            # After db_delete the file may not be there yet: made as the daemon makes it (0600,
+            # empty), and the daemon's, or root's connection would leave it a file the daemon
+            # cannot write. SQLite hands its -wal and -shm to the database file's owner itself.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.chown(database, self.daemon_uid, self.daemon_uid)
+        conn = sqlite3.connect(database, timeout=30, isolation_level=None)
         conn.execute("BEGIN IMMEDIATE")
         return conn
 

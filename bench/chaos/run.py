@@ -4,7 +4,11 @@ interleaved with faults, then a calm tail and the checks. `Chaos(...).run()` ret
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import shutil
+import stat
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,14 +17,14 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from bench.chaos import checks
-from bench.chaos.faults import EXIT_DEADLINE_S, START_DEADLINE_S, Faults
+from bench.chaos.faults import DAEMON_UID, EXIT_DEADLINE_S, START_DEADLINE_S, Faults
 from bench.chaos.record import Outcome, mark
 from bench.chaos.workload import MAX_STATE_BYTES, Workload
 from sessionsync.daemon.testing_hooks import FALLBACK_SCAN_ENV
 from tests.support.databases import libpq_url
 from tests.support.inotify_limits import stand_in_env
 from tests.support.proxy import TcpProxy, proxied_url, url_target
-from tests.support.runner import Daemon
+from tests.support.runner import SESSIONSYNC, Daemon, as_uid
 
 DEFAULT_FAULT_GAP = (120, 400)
 CALM_FROM = 0.85  # the last 15 % of a run (of its seconds, or its --max-ops) has no faults
@@ -45,6 +49,34 @@ def _own_role(url: str, seed: int) -> Iterator[str]:
             conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER".encode())
             conn.execute(f"DROP OWNED BY {role}".encode())
             conn.execute(f"DROP ROLE {role}".encode())
+
+
+def _why_not_unprivileged(work: Path, db_url: str) -> str:
+    """Why the daemon cannot run as DAEMON_UID on `work` ("" when it can): `work` is handed to it,
+    so a SQLite file must be in there, and the folders above must let it through."""
+    if os.geteuid() != 0:
+        return "the run is not root, so it cannot start the daemon as another uid"
+    if shutil.which("setpriv") is None:
+        return "setpriv(1) is not installed"
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite" and Path(url.database or "").resolve().parent != work:
+        return f"the SQLite file is not in the work folder {work}"
+    # That uid must be able to run the daemon at all: the interpreter may live in a private folder.
+    probe = subprocess.run(
+        [*as_uid(DAEMON_UID), str(SESSIONSYNC), "--version"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode != 0:
+        said = probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"]
+        return f"uid {DAEMON_UID} cannot run {SESSIONSYNC}: {said[-1]}"
+    for folder in work.parents:
+        if not folder.stat().st_mode & stat.S_IXOTH:
+            return f"uid {DAEMON_UID} cannot reach the work folder through {folder}"
+    return ""
 
 
 class Chaos:
@@ -81,6 +113,14 @@ class Chaos:
             self.out.options += " --real-sysctl"
         self.stand_ins = self.work / "inotify-sysctl"  # read by the daemon's seam (unless real_sysctl)
         self.workload = Workload(self.rng, self.work)
+        # Root ignores permission bits: for an unreadable folder to bite, the daemon runs as
+        # another uid, which needs setpriv(1) and a work folder it can reach.
+        self.daemon_uid: int | None = None
+        why_not = _why_not_unprivileged(self.work, db_url)
+        if why_not:
+            self.out.notes.append(f"no unreadable fault: {why_not}")
+        else:
+            self.daemon_uid = DAEMON_UID
 
     def run(self) -> Outcome:
         self.workload.populate()
@@ -113,6 +153,7 @@ class Chaos:
                     discover_depth=3,
                     max_state_bytes=MAX_STATE_BYTES,
                     timeout_s=3,  # a stalled connection is dropped after 3 s, not 20
+                    uid=self.daemon_uid,  # work is its own then: the SQLite file, -wal, -shm
                 )
             )
             faults = Faults(
@@ -125,6 +166,7 @@ class Chaos:
                 self.stand_ins,
                 self.real_sysctl,
                 role,
+                self.daemon_uid,
             )
             self._operate(daemon, faults)
             faults.heal_all()

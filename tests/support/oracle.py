@@ -43,7 +43,8 @@ def expected_from_files(
 ) -> dict[Key, Expectation]:
     """Every session folder holding a state.json, by (project folder, slug); folders without one
     (or gone) are absent, so their rows must be tombstoned. Links are never followed: a linked
-    folder or state.json is invalid, as the contract says."""
+    folder or state.json is invalid, as the contract says. A folder whose name is not valid
+    UTF-8 has no row at all (no text column can hold its name): absent too."""
     expected: dict[Key, Expectation] = {}
     for project in project_dirs:
         base = Path(project) / SESSIONS_SUBDIR
@@ -53,7 +54,7 @@ def expected_from_files(
             continue
         for folder in folders:
             key = (str(project), folder.name)
-            if folder.name.startswith("."):
+            if folder.name.startswith(".") or not _storable(folder.name):
                 continue
             if folder.is_symlink():
                 expected[key] = Expectation(False, why="the session folder is a symbolic link")
@@ -75,6 +76,15 @@ def expected_from_files(
                 plan_exists=(folder / "plan.json").exists(),
             )
     return expected
+
+
+def _storable(name: str) -> bool:
+    """Whether a folder name is valid UTF-8 (one that is not reaches Python surrogate-escaped)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _expect(data: bytes, max_state_bytes: int) -> Expectation:

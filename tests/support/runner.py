@@ -63,7 +63,9 @@ class Daemon:
 
     Keyword overrides are config keys by their bare name (`debounce_ms=50`,
     `discover_interval_s=1`); `env` adds variables to the daemon's sealed environment;
-    `command_prefix` runs it through a wrapper that execs it (a user namespace, say).
+    `command_prefix` runs it through a wrapper that execs it (a user namespace, say); `uid`
+    runs it as that uid and gid (root only, with setpriv(1)), `tmp` and the folders made for it
+    handed to that uid.
     As a context manager: started on entry, killed on exit, and on a failure inside the block
     the log's last lines are attached to the error.
     """
@@ -77,11 +79,14 @@ class Daemon:
         roots: Iterable[Path | str] = (),
         env: Mapping[str, str] | None = None,
         command_prefix: Sequence[str] = (),
+        uid: int | None = None,
         **overrides: Any,
     ) -> None:
         self.tmp = tmp
         # Run through this first (e.g. `unshare --user ...`); it must exec the command it is given.
         self.command_prefix = list(command_prefix)
+        if uid is not None:
+            self.command_prefix[:0] = as_uid(uid)
         self.db_url = db_url
         self.config_path = tmp / "sessionsync.toml"
         self.log_path = tmp / "daemon.log"
@@ -100,6 +105,9 @@ class Daemon:
             sections.setdefault(_SECTION_OF[key], {})[key] = value
         self.config_path.write_text(_toml(sections))
         self.env = _sealed_env(tmp, env or {})
+        if uid is not None:
+            for folder in (tmp, self.runtime_dir, *(self.env[k] for k in _FOLDER_VARS)):
+                os.chown(folder, uid, uid)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.started_at = 0.0  # time.monotonic() just before the latest start
@@ -259,6 +267,21 @@ class Daemon:
     def log_count(self, text: str) -> int:
         """How many log lines contain `text`."""
         return sum(text in line for line in self.log().splitlines())
+
+
+def as_uid(uid: int) -> list[str]:
+    """The command prefix that runs a command as `uid` (and as that gid, with no other group)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
+_FOLDER_VARS = (
+    "HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_STATE_HOME",
+    "XDG_DATA_HOME",
+    "XDG_CACHE_HOME",
+    "XDG_RUNTIME_DIR",
+)
 
 
 def _sealed_env(tmp: Path, extra: Mapping[str, str]) -> dict[str, str]:
