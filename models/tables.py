@@ -133,7 +133,11 @@ class SessionEvent(Base):
     """One meaningful change of a session: created, updated, phase_changed, ..."""
 
     __tablename__ = "session_events"
-    __table_args__ = (Index("ix_session_events_session_at", "session_id", "at"),)
+    # Ids are never reused (a subscriber resumes after one): AUTOINCREMENT on SQLite (migration 0004).
+    __table_args__ = (
+        Index("ix_session_events_session_at", "session_id", "at"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     session_id: Mapped[int] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))

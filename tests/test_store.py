@@ -77,7 +77,7 @@ def test_models_and_migrations_agree(engine: Engine) -> None:
 
 
 def test_upgrade_twice_is_a_no_op(engine: Engine) -> None:
-    assert upgrade(engine) == ("0003", "0003")
+    assert upgrade(engine) == ("0004", "0004")
 
 
 def test_examples_mirror_as_the_readme_says(store: Store, engine: Engine, project: Path) -> None:
@@ -401,7 +401,7 @@ def test_a_database_at_0001_upgrades_keeping_its_rows(db_url: str, project: Path
                     invalid=False,
                 )
             )
-        assert upgrade(engine) == ("0001", "0003")
+        assert upgrade(engine) == ("0001", "0004")
         mirrored = row(engine, "s")
         assert (mirrored["title"], mirrored["dir_mtime_ns"]) == ("mirrored before 0002", None)
         run(store, project)
