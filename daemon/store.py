@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import TextClause, UpdateBase
 
 from sessionsync.daemon.errors import SchemaMissing
+from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.inspection import Action, Change, Known
 from sessionsync.models.events import (
     NOTIFY_CHANNEL,
@@ -76,24 +77,44 @@ _STAT = (
     "plan_exists",
     "dir_mtime_ns",
 )
-# An event row finds its session by key inside the same statement: no id round trip, and one
-# statement text for every batch, so the driver prepares it once.
-_INSERT_EVENT = session_events.insert().from_select(
-    ["session_id", "at", "kind", "from_value", "to_value", "detail"],
-    select(
-        sessions.c.id,
-        bindparam("e_at", type_=UTCDateTime()),
-        bindparam("e_kind", type_=String()),
-        bindparam("e_from", type_=Text()),
-        bindparam("e_to", type_=Text()),
-        bindparam("e_detail", type_=JSONDoc),
-    ).where(sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug")),
+# An event row finds its session by key inside the same statement (no id round trip) and
+# returns its id: the id is the event's place in the stream (daemon/hub.py). On PostgreSQL the
+# same statement sends the NOTIFY, its payload carrying the id, so one statement per event does
+# it all and the pipelined reconcile need not wait for the ids before sending the rest.
+_EVENT_COLUMNS = ["session_id", "at", "kind", "from_value", "to_value", "detail"]
+_EVENT_VALUES = (
+    bindparam("e_at", type_=UTCDateTime()),
+    bindparam("e_kind", type_=String()),
+    bindparam("e_from", type_=Text()),
+    bindparam("e_to", type_=Text()),
+    bindparam("e_detail", type_=JSONDoc),
 )
-# The payloads travel as one JSON array built by joining them (each is a JSON object already):
-# no per-payload escaping, as a text[] parameter would need. `json` (not jsonb) keeps each
-# element's text as it was.
-_NOTIFY_ALL = text(
-    "SELECT pg_notify(:channel, p::text) FROM json_array_elements(CAST(:payloads AS json)) AS p"
+_SESSION_BY_KEY = (sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug"))
+_INSERT_EVENT_PG = (
+    session_events.insert()
+    .from_select(_EVENT_COLUMNS, select(sessions.c.id, *_EVENT_VALUES).where(*_SESSION_BY_KEY))
+    .returning(session_events.c.id)
+)
+# SQLite runs one statement per row anyway (it cannot order a multi-row RETURNING); values() with
+# a scalar subquery is the form SQLAlchemy runs as executemany with RETURNING, in row order.
+_INSERT_EVENT_SQLITE = (
+    session_events.insert()
+    .values(
+        dict(
+            zip(
+                _EVENT_COLUMNS,
+                (select(sessions.c.id).where(*_SESSION_BY_KEY).scalar_subquery(), *_EVENT_VALUES),
+                strict=True,
+            )
+        )
+    )
+    .returning(session_events.c.id, sort_by_parameter_order=True)
+)
+# The payload is the stream event's JSON; the id goes in front of its other keys.
+_NOTIFY_EVENT = (
+    "WITH ins AS ({insert}) SELECT ins.id, pg_notify('"
+    + NOTIFY_CHANNEL
+    + """', '{{"id":' || ins.id || ',' || substr(CAST(%(e_payload)s AS text), 2)) FROM ins"""
 )
 _STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
 _BY_KEY = (sessions.c.project_id == bindparam("b_project_id"), sessions.c.slug == bindparam("b_slug"))
@@ -143,13 +164,66 @@ class _Bulk:
             conn.exec_driver_sql(self.sql, self.ready(rows))
 
 
+class _EventInsert:
+    """The event rows of a batch, inserted with their ids returned in row order; on PostgreSQL
+    each row's statement also sends its NOTIFY (see _NOTIFY_EVENT)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.sql = (
+            _NOTIFY_EVENT.format(insert=_INSERT_EVENT_PG.compile(dialect=dialect))
+            if dialect.name == "postgresql"
+            else None
+        )
+
+    def ready(self, rows: list[dict[str, Any]], stream: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows as psycopg takes them (JSON as text, the NOTIFY payload added), in place."""
+        for row, event in zip(rows, stream, strict=True):
+            row["e_detail"] = dumps(row["e_detail"])
+            row["e_payload"] = notify_payload(event)
+        return rows
+
+    def run(
+        self, conn: Connection, rows: list[dict[str, Any]], stream: list[dict[str, Any]]
+    ) -> list[int | None]:
+        if self.sql is None:
+            return list(conn.execute(_INSERT_EVENT_SQLITE, rows).scalars())
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        with raw.cursor() as cursor:
+            cursor.executemany(self.sql, self.ready(rows, stream), returning=True)
+            ids = []
+            while True:
+                ids.append(returned_id(cursor))
+                if not cursor.nextset():
+                    return ids
+
+
+def returned_id(cursor: Any) -> int | None:
+    """The id a psycopg cursor's event statement returned (None: its session was not there)."""
+    row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
 @dataclass
 class WritePlan:
-    """One batch's transaction before it runs: the statements with their rows, and what it will
-    have done once committed (counts and stream events)."""
+    """One batch's transaction before it runs: the statements with their rows, the event rows,
+    and what it will have done once committed (counts and stream events, which get their ids
+    from `numbered`)."""
 
     steps: list[tuple[_Bulk, list[dict[str, Any]]]]
     result: WriteResult
+    event_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps and not self.event_rows
+
+    def numbered(self, ids: Sequence[int | None]) -> list[dict[str, Any]]:
+        """Give each stream event its row's id (id first); an event whose row was not inserted
+        (its session was not there) is left out. The events are stored in `result` too."""
+        events = [{"id": i, **e} for i, e in zip(ids, self.result.events, strict=True) if i is not None]
+        self.result.events = events
+        return events
 
 
 class DatabaseFault(Exception):
@@ -217,7 +291,7 @@ class WriteResult:
 class Store:
     """All database access of the daemon and the one-shot commands goes through here."""
 
-    def __init__(self, engine: Engine, host: str | None = None) -> None:
+    def __init__(self, engine: Engine, host: str | None = None, hub: EventHub | None = None) -> None:
         self.engine = engine
         self.host = host or socket.gethostname()
         self.dialect = engine.dialect.name
@@ -227,8 +301,8 @@ class Store:
         self._upsert_invalid = self._upsert(_STAT + _STATUS)
         self._touch = _Bulk(_TOUCH, dialect)
         self._tombstone = _Bulk(_TOMBSTONE, dialect)
-        self._insert_events = _Bulk(_INSERT_EVENT, dialect, json_keys=("e_detail",))
-        self._notify = _Bulk(_NOTIFY_ALL, dialect)
+        self.event_insert = _EventInsert(dialect)
+        self.hub = hub
         database = engine.url.database if self.dialect == "sqlite" else None
         # The SQLite file and which file it was when last checked (see `file_replaced`).
         self.file = os.path.abspath(database) if database and database != ":memory:" else None
@@ -437,12 +511,35 @@ class Store:
         known: Mapping[SessionKey, Known],
         now: datetime | None = None,
     ) -> WriteResult:
-        """Apply a batch of changes in one transaction; returns counts and committed events."""
+        """Apply a batch of changes in one transaction; returns counts and committed events.
+
+        With a hub, the events reach its subscribers once committed, in id order (daemon/hub.py)."""
         plan = self.plan(changes, known, now)
-        if plan.steps:
-            with self.engine.begin() as conn:
+        if plan.empty:
+            return plan.result
+        ticket = self.hub.ticket() if self.hub is not None and plan.event_rows else None
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
                 for bulk, rows in plan.steps:
                     bulk.run(conn, rows)
+                if plan.event_rows:
+                    ids = self.event_insert.run(conn, plan.event_rows, plan.result.events)
+                    if ticket is not None:
+                        ticket.known([i for i in ids if i is not None])
+                    plan.numbered(ids)
+            except BaseException:
+                if ticket is not None:
+                    ticket.rolled_back()  # COMMIT was never sent
+                raise
+            try:
+                transaction.commit()
+            except BaseException:
+                if ticket is not None:
+                    ticket.uncertain()  # COMMIT was sent: it may have happened
+                raise
+        if ticket is not None:
+            ticket.committed(plan.result.events)
         return plan.result
 
     def plan(
@@ -458,13 +555,8 @@ class Store:
         ordered = sorted(changes, key=lambda pc: (pc[0].id, pc[1].key.slug))
         self._plan_rows(plan, ordered, now)
         events = self._events(ordered, known, now)
-        if events:
-            plan.steps.append((self._insert_events, [row for row, _ in events]))
-            plan.result.events = [stream for _, stream in events]
-            if self.dialect == "postgresql":
-                # One statement for the whole batch; delivered only if its transaction commits.
-                payloads = f"[{','.join(notify_payload(e) for e in plan.result.events)}]"
-                plan.steps.append((self._notify, [{"channel": NOTIFY_CHANNEL, "payloads": payloads}]))
+        plan.event_rows = [row for row, _ in events]
+        plan.result.events = [stream for _, stream in events]
         return plan
 
     def _plan_rows(
@@ -566,6 +658,56 @@ class Store:
                     )
                 )
         return events
+
+    def last_event_id(self) -> int:
+        """The highest session_events id (0 when there is none)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(session_events.c.id), 0))).scalar_one())
+
+    def events_between(
+        self,
+        after: int,
+        upto: int,
+        kinds: Collection[str] | None = None,
+        project_paths: Collection[str] | None = None,
+        page: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        """The stream form of this host's committed events with `after < id <= upto`, in id
+        order, read a page at a time (a replay of 100,000 events holds one page in memory).
+        `kinds` are stream kinds (`session.created`), `projects` project folders."""
+        e, s, p = session_events.c, sessions.c, projects.c
+        query = (
+            select(
+                e.id, e.kind, e.at, e.from_value, e.to_value, e.detail, s.slug, p.working_dir, p.sessions_dir
+            )
+            .select_from(session_events.join(sessions).join(projects))
+            .where(p.host == self.host)
+            .order_by(e.id)
+            .limit(page)
+        )
+        if kinds is not None:
+            bare = [k.removeprefix("session.") for k in kinds if k.startswith("session.")]
+            query = query.where(e.kind.in_(bare))
+        if project_paths is not None:
+            query = query.where(p.working_dir.in_(list(project_paths)))
+        while after < upto:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query.where(e.id > after, e.id <= upto)).all()
+            for row in rows:
+                event = session_event(
+                    SessionEventKind(row.kind),
+                    row.working_dir,
+                    row.slug,
+                    os.path.join(row.sessions_dir, row.slug),
+                    row.at,
+                    row.from_value,
+                    row.to_value,
+                    row.detail,
+                )
+                yield {"id": row.id, **event}
+            if len(rows) < page:
+                return
+            after = rows[-1].id
 
     def purge_tombstones(self, older_than: timedelta, now: datetime | None = None) -> int:
         """Delete this host's tombstoned rows (and their events) deleted more than `older_than` ago."""
