@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.migrate import alembic_config, upgrade
 from sessionsync.models.tables import projects, session_events, sessions
 from tests.support.databases import libpq_url
-from tests.support.runner import Daemon
+from tests.support.runner import SESSIONSYNC, Daemon
 from tests.support.sessions import fixture_doc, write_state
 from tests.support.waiting import wait_for
 
@@ -317,3 +318,69 @@ def test_postgres_notify_payloads_carry_the_row_id(pg_url: str, tmp_path: Path, 
         mine = [p for p in payloads if p.get("project") == str(project)]
         assert [(p["id"], p["kind"], p["slug"]) for p in mine] == committed(pg_url)
         assert daemon.stop() == 0
+
+
+# -- watch: like journalctl -f ------------------------------------------------------------------------
+
+
+class Watch:
+    """`sessionsync watch --json` in a subprocess, its lines collected by a thread."""
+
+    def __init__(self, daemon: Daemon, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(SESSIONSYNC), "watch", "--json", *args, "--config", str(daemon.config_path)],
+            env=daemon.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.append(json.loads(line))
+
+    def session_events(self) -> list[tuple[int, str, str]]:
+        return [(e["id"], e["kind"], e["slug"]) for e in list(self.events) if "id" in e]
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=10)
+        self._thread.join(timeout=10)
+        return err
+
+
+def test_watch_resumes_across_a_daemon_restart(db_url: str, tmp_path: Path, project: Path) -> None:
+    with Daemon(tmp_path, db_url, projects=[project]) as daemon:
+        daemon.wait_started()
+        write_state(project, "before", doc("spec"))
+        wait_for(lambda: len(committed(db_url)) == 1, timeout=10)
+        watch = Watch(daemon, "--since", "0")
+        try:
+            wait_for(lambda: watch.session_events() == committed(db_url), timeout=10)
+            assert daemon.stop() == 0
+            # Written while no daemon runs: the start-up reconcile commits it before watch is back.
+            write_state(project, "meanwhile", doc("plan"))
+            daemon.start()
+            daemon.wait_started()
+            write_state(project, "after", doc("build"))
+            wait_for(
+                lambda: [s for _, _, s in committed(db_url)] == ["before", "meanwhile", "after"], timeout=10
+            )
+            wait_for(lambda: len(watch.session_events()) >= 3, timeout=15)
+            assert watch.session_events() == committed(db_url)
+            assert watch.proc.poll() is None  # still following
+        finally:
+            err = watch.stop()
+        assert "waiting to resume after id 1" in err
+        assert daemon.stop() == 0
+
+
+def test_watch_with_no_daemon_says_so_and_exits_1(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, f"sqlite:///{tmp_path / 'none.db'}")
+    out = daemon.cli("watch", "--since", "3")
+    assert out.returncode == 1
+    assert "the sessionsync daemon is not running" in out.stdout

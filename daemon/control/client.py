@@ -36,14 +36,18 @@ def request(path: Path, payload: Mapping[str, Any], timeout: float = 10.0) -> di
         return _read_reply(path, reader, timeout)
 
 
-def stream(path: Path, payload: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def stream(
+    path: Path, payload: Mapping[str, Any], on_reply: Callable[[dict[str, Any]], None] | None = None
+) -> Iterator[dict[str, Any]]:
     """For `subscribe`: yield each event until the daemon hangs up, a `{"kind": "lagged"}` one too.
 
-    The request itself must be answered within 10 s, with the errors of `request`; after that
-    the stream waits as long as it takes for the next event.
+    The request itself must be answered within 10 s, with the errors of `request` (its result
+    goes to `on_reply`); after that the stream waits as long as it takes for the next event.
     """
     with _connect(path, payload, 10.0) as sock, sock.makefile("rb") as reader:
-        _read_reply(path, reader, 10.0)
+        reply = _read_reply(path, reader, 10.0)
+        if on_reply is not None:
+            on_reply(reply)
         sock.settimeout(None)
         while (line := _read_line(path, reader)) is not None:
             try:
