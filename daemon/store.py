@@ -90,25 +90,10 @@ _EVENT_VALUES = (
     bindparam("e_detail", type_=JSONDoc),
 )
 _SESSION_BY_KEY = (sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug"))
-_INSERT_EVENT_PG = (
+_INSERT_EVENT = (
     session_events.insert()
     .from_select(_EVENT_COLUMNS, select(sessions.c.id, *_EVENT_VALUES).where(*_SESSION_BY_KEY))
     .returning(session_events.c.id)
-)
-# SQLite runs one statement per row anyway (it cannot order a multi-row RETURNING); values() with
-# a scalar subquery is the form SQLAlchemy runs as executemany with RETURNING, in row order.
-_INSERT_EVENT_SQLITE = (
-    session_events.insert()
-    .values(
-        dict(
-            zip(
-                _EVENT_COLUMNS,
-                (select(sessions.c.id).where(*_SESSION_BY_KEY).scalar_subquery(), *_EVENT_VALUES),
-                strict=True,
-            )
-        )
-    )
-    .returning(session_events.c.id, sort_by_parameter_order=True)
 )
 # The payload is the stream event's JSON; the id goes in front of its other keys.
 _NOTIFY_EVENT = (
@@ -166,14 +151,25 @@ class _Bulk:
 
 class _EventInsert:
     """The event rows of a batch, inserted with their ids returned in row order; on PostgreSQL
-    each row's statement also sends its NOTIFY (see _NOTIFY_EVENT)."""
+    each row's statement also sends its NOTIFY (see _NOTIFY_EVENT).
+
+    Both run on the driver's cursor, one statement per row: psycopg pipelines them (one round
+    trip for the batch); sqlite3 runs them in-process, as fast as its executemany, which cannot
+    return rows. SQLAlchemy's own executemany with RETURNING costs more than the insert does."""
 
     def __init__(self, dialect: Dialect) -> None:
-        self.sql = (
-            _NOTIFY_EVENT.format(insert=_INSERT_EVENT_PG.compile(dialect=dialect))
-            if dialect.name == "postgresql"
-            else None
-        )
+        compiled = _INSERT_EVENT.compile(dialect=dialect)
+        self.sql = str(compiled)
+        if dialect.name == "postgresql":
+            self.sql = _NOTIFY_EVENT.format(insert=self.sql)
+        # SQLite's parameters are positional; its times and JSON bound as SQLAlchemy would.
+        self._order = tuple(compiled.positiontup or ())
+        self._processors = {
+            name: processor
+            for name, type_ in (("e_at", UTCDateTime()), ("e_detail", JSONDoc))
+            if (processor := type_.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+        self._postgresql = dialect.name == "postgresql"
 
     def ready(self, rows: list[dict[str, Any]], stream: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The rows as psycopg takes them (JSON as text, the NOTIFY payload added), in place."""
@@ -185,13 +181,22 @@ class _EventInsert:
     def run(
         self, conn: Connection, rows: list[dict[str, Any]], stream: list[dict[str, Any]]
     ) -> list[int | None]:
-        if self.sql is None:
-            return list(conn.execute(_INSERT_EVENT_SQLITE, rows).scalars())
         raw = conn.connection.driver_connection
         assert raw is not None
+        ids: list[int | None] = []
+        if not self._postgresql:
+            processors, cursor = self._processors, raw.cursor()
+            try:
+                for row in rows:
+                    cursor.execute(
+                        self.sql, [processors[k](row[k]) if k in processors else row[k] for k in self._order]
+                    )
+                    ids.append(returned_id(cursor))
+            finally:
+                cursor.close()
+            return ids
         with raw.cursor() as cursor:
             cursor.executemany(self.sql, self.ready(rows, stream), returning=True)
-            ids = []
             while True:
                 ids.append(returned_id(cursor))
                 if not cursor.nextset():

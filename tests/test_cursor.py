@@ -269,7 +269,7 @@ def test_a_subscriber_dropped_for_lag_resumes_from_its_last_id_missing_nothing(
         daemon.request({"cmd": "pause"})
         for n in range(6):
             write_state(project, f"burst-{n}", doc("plan"))
-        wait_for(lambda: daemon.status()["pending"] == 6, timeout=10)
+        wait_for(lambda: daemon.status()["pending"] >= 6, timeout=10)
         daemon.request({"cmd": "resume"})
         wait_for(follower.ended, timeout=10)
         assert follower.events[-1] == {"kind": "lagged", "last_id": seen}
