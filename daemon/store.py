@@ -78,9 +78,7 @@ _STAT = (
     "dir_mtime_ns",
 )
 # An event row finds its session by key inside the same statement (no id round trip) and
-# returns its id: the id is the event's place in the stream (daemon/hub.py). On PostgreSQL the
-# same statement sends the NOTIFY, its payload carrying the id, so one statement per event does
-# it all and the pipelined reconcile need not wait for the ids before sending the rest.
+# returns its id: the id is the event's place in the stream (daemon/hub.py).
 _EVENT_COLUMNS = ["session_id", "at", "kind", "from_value", "to_value", "detail"]
 _EVENT_VALUES = (
     bindparam("e_at", type_=UTCDateTime()),
@@ -90,16 +88,41 @@ _EVENT_VALUES = (
     bindparam("e_detail", type_=JSONDoc),
 )
 _SESSION_BY_KEY = (sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug"))
+# SQLite: one row per statement (run in-process, see _EventInsert).
 _INSERT_EVENT = (
     session_events.insert()
     .from_select(_EVENT_COLUMNS, select(sessions.c.id, *_EVENT_VALUES).where(*_SESSION_BY_KEY))
     .returning(session_events.c.id)
 )
-# The payload is the stream event's JSON; the id goes in front of its other keys.
-_NOTIFY_EVENT = (
-    "WITH ins AS ({insert}) SELECT ins.id, pg_notify('"
+# PostgreSQL: the whole batch in one statement that inserts the events, returns their ids and
+# sends their NOTIFYs with the id in each payload, so a pipelined reconcile never waits for ids
+# mid-batch. The rows travel as one JSON array (`n` is each row's place in it). Ids are taken
+# from the sequence in the order of the INSERT's SELECT (ORDER BY n): the k-th smallest id
+# returned is the k-th row inserted, as SQLAlchemy's own sorted multi-row RETURNING relies on.
+# A row whose session is not there inserts nothing, and its `n` is not returned.
+_INSERT_EVENTS_PG = (
+    """
+WITH r AS (
+  SELECT r.n, r.at, r.kind, r.f, r.t, r.detail, r.payload, s.id AS session_id
+  FROM json_to_recordset(CAST(%(rows)s AS json))
+       AS r(n int, project int, slug text, at timestamptz, kind text, f text, t text, detail jsonb,
+            payload text)
+  JOIN sessions s ON s.project_id = r.project AND s.slug = r.slug
+), ins AS (
+  INSERT INTO session_events (session_id, at, kind, from_value, to_value, detail)
+  SELECT session_id, at, kind, f, t, COALESCE(detail, 'null'::jsonb) FROM r ORDER BY n
+  RETURNING id
+), numbered AS (
+  SELECT id, row_number() OVER (ORDER BY id) AS k FROM ins
+), payloads AS (
+  SELECT n, payload, row_number() OVER (ORDER BY n) AS k FROM r
+)
+SELECT numbered.id, payloads.n,
+       pg_notify('"""
     + NOTIFY_CHANNEL
-    + """', '{{"id":' || ins.id || ',' || substr(CAST(%(e_payload)s AS text), 2)) FROM ins"""
+    + """', '{"id":' || numbered.id || ',' || substr(payloads.payload, 2))
+FROM numbered JOIN payloads USING (k) ORDER BY numbered.id
+"""
 )
 _STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
 _BY_KEY = (sessions.c.project_id == bindparam("b_project_id"), sessions.c.slug == bindparam("b_slug"))
@@ -151,62 +174,77 @@ class _Bulk:
 
 class _EventInsert:
     """The event rows of a batch, inserted with their ids returned in row order; on PostgreSQL
-    each row's statement also sends its NOTIFY (see _NOTIFY_EVENT).
+    the same statement sends their NOTIFYs (see _INSERT_EVENTS_PG).
 
-    Both run on the driver's cursor, one statement per row: psycopg pipelines them (one round
-    trip for the batch); sqlite3 runs them in-process, as fast as its executemany, which cannot
-    return rows. SQLAlchemy's own executemany with RETURNING costs more than the insert does."""
+    Both run on the driver's cursor: on PostgreSQL one statement for the batch; on SQLite one per
+    row, in-process and as fast as sqlite3's executemany, which cannot return rows. (SQLAlchemy's
+    own executemany with RETURNING costs more than the insert does.)"""
 
     def __init__(self, dialect: Dialect) -> None:
+        self._postgresql = dialect.name == "postgresql"
+        if self._postgresql:
+            self.sql = _INSERT_EVENTS_PG
+            return
         compiled = _INSERT_EVENT.compile(dialect=dialect)
         self.sql = str(compiled)
-        if dialect.name == "postgresql":
-            self.sql = _NOTIFY_EVENT.format(insert=self.sql)
-        # SQLite's parameters are positional; its times and JSON bound as SQLAlchemy would.
+        # SQLite's parameters are positional; times and JSON are bound as SQLAlchemy would.
         self._order = tuple(compiled.positiontup or ())
         self._processors = {
             name: processor
             for name, type_ in (("e_at", UTCDateTime()), ("e_detail", JSONDoc))
             if (processor := type_.dialect_impl(dialect).bind_processor(dialect)) is not None
         }
-        self._postgresql = dialect.name == "postgresql"
 
-    def ready(self, rows: list[dict[str, Any]], stream: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The rows as psycopg takes them (JSON as text, the NOTIFY payload added), in place."""
-        for row, event in zip(rows, stream, strict=True):
-            row["e_detail"] = dumps(row["e_detail"])
-            row["e_payload"] = notify_payload(event)
-        return rows
+    def ready(self, rows: list[dict[str, Any]], stream: list[dict[str, Any]]) -> dict[str, str]:
+        """PostgreSQL's parameter: the rows, with each NOTIFY payload, as one JSON array."""
+        return {
+            "rows": dumps(
+                [
+                    {
+                        "n": n,
+                        "project": row["e_project"],
+                        "slug": row["e_slug"],
+                        "at": row["e_at"].isoformat(),
+                        "kind": row["e_kind"],
+                        "f": row["e_from"],
+                        "t": row["e_to"],
+                        "detail": row["e_detail"],
+                        "payload": notify_payload(event),
+                    }
+                    for n, (row, event) in enumerate(zip(rows, stream, strict=True))
+                ]
+            )
+        }
+
+    @staticmethod
+    def ids(cursor: Any, count: int) -> list[int | None]:
+        """The ids PostgreSQL's statement returned, by row (None: its session was not there)."""
+        ids: list[int | None] = [None] * count
+        for event_id, n, _ in cursor.fetchall():
+            ids[n] = int(event_id)
+        return ids
 
     def run(
         self, conn: Connection, rows: list[dict[str, Any]], stream: list[dict[str, Any]]
     ) -> list[int | None]:
         raw = conn.connection.driver_connection
         assert raw is not None
+        if self._postgresql:
+            with raw.cursor() as cursor:
+                cursor.execute(self.sql, self.ready(rows, stream))
+                return self.ids(cursor, len(rows))
         ids: list[int | None] = []
-        if not self._postgresql:
-            processors, cursor = self._processors, raw.cursor()
-            try:
-                for row in rows:
-                    cursor.execute(
-                        self.sql, [processors[k](row[k]) if k in processors else row[k] for k in self._order]
-                    )
-                    ids.append(returned_id(cursor))
-            finally:
-                cursor.close()
-            return ids
-        with raw.cursor() as cursor:
-            cursor.executemany(self.sql, self.ready(rows, stream), returning=True)
-            while True:
-                ids.append(returned_id(cursor))
-                if not cursor.nextset():
-                    return ids
-
-
-def returned_id(cursor: Any) -> int | None:
-    """The id a psycopg cursor's event statement returned (None: its session was not there)."""
-    row = cursor.fetchone()
-    return None if row is None else int(row[0])
+        processors, cursor = self._processors, raw.cursor()
+        try:
+            for row in rows:
+                cursor.execute(
+                    self.sql, [processors[k](row[k]) if k in processors else row[k] for k in self._order]
+                )
+                found = cursor.fetchone()
+                ids.append(None if found is None else int(found[0]))
+        finally:
+            cursor.close()
+        return ids
 
 
 @dataclass
@@ -675,11 +713,13 @@ class Store:
         upto: int,
         kinds: Collection[str] | None = None,
         project_paths: Collection[str] | None = None,
-        page: int = 1000,
+        window: int = 2000,
     ) -> Iterator[dict[str, Any]]:
         """The stream form of this host's committed events with `after < id <= upto`, in id
-        order, read a page at a time (a replay of 100,000 events holds one page in memory).
-        `kinds` are stream kinds (`session.created`), `projects` project folders."""
+        order. `kinds` are stream kinds (`session.created`), `project_paths` project folders.
+
+        Read a window of ids at a time: each query is a range of the primary key (however the
+        planner judges the tables), and a replay of 100,000 events holds one window in memory."""
         e, s, p = session_events.c, sessions.c, projects.c
         query = (
             select(
@@ -688,7 +728,6 @@ class Store:
             .select_from(session_events.join(sessions).join(projects))
             .where(p.host == self.host)
             .order_by(e.id)
-            .limit(page)
         )
         if kinds is not None:
             bare = [k.removeprefix("session.") for k in kinds if k.startswith("session.")]
@@ -696,8 +735,9 @@ class Store:
         if project_paths is not None:
             query = query.where(p.working_dir.in_(list(project_paths)))
         while after < upto:
+            top = min(after + window, upto)
             with self.engine.connect() as conn:
-                rows = conn.execute(query.where(e.id > after, e.id <= upto)).all()
+                rows = conn.execute(query.where(e.id > after, e.id <= top)).all()
             for row in rows:
                 event = session_event(
                     SessionEventKind(row.kind),
@@ -710,9 +750,7 @@ class Store:
                     row.detail,
                 )
                 yield {"id": row.id, **event}
-            if len(rows) < page:
-                return
-            after = rows[-1].id
+            after = top
 
     def purge_tombstones(self, older_than: timedelta, now: datetime | None = None) -> int:
         """Delete this host's tombstoned rows (and their events) deleted more than `older_than` ago."""

@@ -29,7 +29,7 @@ from sqlalchemy import Connection
 from sessionsync.daemon.batch import BatchResult, report_invalid, write_changes
 from sessionsync.daemon.hub import Ticket
 from sessionsync.daemon.inspection import Change, Known
-from sessionsync.daemon.store import ProjectRef, Store, WritePlan, returned_id
+from sessionsync.daemon.store import ProjectRef, Store, WritePlan
 from sessionsync.models.keys import SessionKey
 
 
@@ -47,12 +47,12 @@ class Submitted:
 
 @dataclass
 class _InFlight:
-    """The batch whose transaction is in the pipeline: its plan, the cursors that will hold its
-    event ids, and its place among the hub's events."""
+    """The batch whose transaction is in the pipeline: its plan, the cursor that will hold its
+    event ids (None: no events), and its place among the hub's events."""
 
     batch: Submitted
     plan: WritePlan
-    events: list[psycopg.Cursor[Any]]
+    events: psycopg.Cursor[Any] | None
     ticket: Ticket | None
 
 
@@ -124,14 +124,13 @@ class PipelinedWriter(AbstractContextManager["PipelinedWriter"]):
             for bulk, rows in plan.steps:
                 assert bulk.sql is not None  # compiled for PostgreSQL
                 cursor.executemany(bulk.sql, bulk.ready(rows))
-            # A cursor per event: each holds its statement's returned id once the pipeline syncs.
-            # executemany(returning=True) would wait for the ids here, ending the overlap.
-            inserts = self.store.event_insert
-            assert inserts.sql is not None
-            events = []
-            for row in inserts.ready(plan.event_rows, plan.result.events):
-                events.append(self._raw.cursor())
-                events[-1].execute(inserts.sql, row, prepare=True)
+            # The events' statement on a cursor of its own, which holds their ids once the
+            # pipeline syncs: nothing waits for them here.
+            events = None
+            if plan.event_rows:
+                inserts = self.store.event_insert
+                events = self._raw.cursor()
+                events.execute(inserts.sql, inserts.ready(plan.event_rows, plan.result.events))
             cursor.execute("COMMIT")
         except psycopg.Error as error:
             if ticket is not None:
@@ -153,7 +152,11 @@ class PipelinedWriter(AbstractContextManager["PipelinedWriter"]):
         batch, ticket = flight.batch, flight.ticket
         try:
             self._sync()
-            ids = [returned_id(cursor) for cursor in flight.events]
+            ids = (
+                []
+                if flight.events is None
+                else self.store.event_insert.ids(flight.events, len(flight.plan.event_rows))
+            )
         except psycopg.Error as error:
             if ticket is not None:
                 ticket.uncertain()  # its COMMIT was sent

@@ -286,6 +286,7 @@ def test_filters_by_kind_and_project_in_replay_and_live(db_url: str, tmp_path: P
     (other / "agents/sessions").mkdir(parents=True)
     with Daemon(tmp_path, db_url, projects=[project, other]) as daemon:
         daemon.wait_started()
+        live = Follower(daemon)
         write_state(project, "a", doc("spec"))
         write_state(other, "b", doc("spec"))
         wait_for(lambda: len(committed(db_url)) == 2, timeout=10)
@@ -300,6 +301,9 @@ def test_filters_by_kind_and_project_in_replay_and_live(db_url: str, tmp_path: P
             ("session.created", "a"),
             ("session.created", "c"),
         ]
+        # A replayed event is the live one, field for field.
+        wait_for(lambda: len(live.session_events()) == 5, timeout=10)
+        assert follower.events[0] == next(e for e in live.events if e.get("id") == follower.events[0]["id"])
         assert daemon.stop() == 0
 
 
