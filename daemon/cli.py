@@ -269,19 +269,20 @@ def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
     reached = False  # a daemon answered once: from then on its absence is waited out
     backoff = Backoff(0.1, 2.0)
     while True:
-        subscription = client.subscribe(since=since)
+        subscription = None
         try:
+            subscription = client.subscribe(since=since)
+            reached = True
+            backoff.reset()
             for event in subscription:
                 print(json.dumps(event.data) if args.json else _event_line(event.data), flush=True)
         except OperationalError:
             if not reached:
                 raise  # never reached a daemon: say so, as every client command does
-        else:
-            reached = True  # the stream ended: the daemon stopped (or was killed)
-            backoff.reset()
-            after = f" after id {subscription.last_id}" if subscription.last_id is not None else ""
+        if subscription is not None:  # it ended: the daemon stopped, was killed, or broke the line
+            since = subscription.last_id
+            after = f" after id {since}" if since is not None else ""
             print(f"sessionsync: the daemon went away; waiting to resume{after}", file=sys.stderr, flush=True)
-        since = subscription.last_id
         # One connect attempt per delay until the daemon is back (no files are polled).
         time.sleep(backoff.next())
 

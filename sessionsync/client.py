@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, cast
 
-from sessionsync.daemon.control.client import request, stream
+from sessionsync.daemon.control.client import open_stream, request
 from sessionsync.daemon.control.protocol import MAX_LINE, encode_request, parse_reply
 from sessionsync.daemon.errors import (
     ControlError,
@@ -226,12 +226,14 @@ class Client:
         projects: Sequence[str] | None = None,
     ) -> Subscription:
         """Events as they commit; with `since`, every committed session event after that id
-        first. Ends when the daemon hangs up (it stopped); `last_id` says where to resume."""
+        first. Subscribed when this returns; the iteration ends when the daemon hangs up (it
+        stopped), and `last_id` says where to resume."""
         return Subscription(self.socket, since, kinds, projects)
 
 
 class Subscription:
-    """An iterator of Events; reconnects with `since` by itself when the daemon reports a lag."""
+    """An iterator of Events, subscribed from the moment it is made (errors are raised then);
+    reconnects with `since` by itself when the daemon reports a lag."""
 
     def __init__(
         self,
@@ -244,6 +246,7 @@ class Subscription:
         self._cursor = _Cursor(since)
         self._kinds = kinds
         self._projects = projects
+        self._lines: Iterator[dict[str, Any]] | None = self._open()
 
     @property
     def last_id(self) -> int | None:
@@ -251,21 +254,26 @@ class Subscription:
         the daemon's latest id when it was subscribed): resume with `since=last_id`."""
         return self._cursor.last_id
 
+    def _open(self) -> Iterator[dict[str, Any]]:
+        reply, lines = open_stream(
+            self._socket, _subscribe_request(self._cursor.last_id, self._kinds, self._projects)
+        )
+        self._cursor.started(reply)
+        return lines
+
     def __iter__(self) -> Iterator[Event]:
-        while True:
-            lines = stream(
-                self._socket, _subscribe_request(self._cursor.last_id, self._kinds, self._projects)
-            )
+        while self._lines is not None:
             resume = None
-            for data in lines:
+            for data in self._lines:
                 taken = self._cursor.take(data)
                 if isinstance(taken, Event):
                     yield taken
                 elif taken is not None:
                     resume = taken
-            if resume is None:
-                return
-            self._cursor.last_id = resume
+            self._lines = None
+            if resume is not None:
+                self._cursor.last_id = resume
+                self._lines = self._open()
 
 
 class AsyncClient:
@@ -314,7 +322,8 @@ class AsyncClient:
         kinds: Sequence[str] | None = None,
         projects: Sequence[str] | None = None,
     ) -> AsyncIterator[Event]:
-        """As Client.subscribe: events as they commit, after `since` first; resumes after a lag."""
+        """As Client.subscribe: events as they commit, after `since` first; resumes after a lag.
+        Subscribed when the iteration starts (an async generator runs nothing before)."""
         cursor = _Cursor(since)
         while True:
             reader, writer = await self._open(

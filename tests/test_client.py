@@ -61,7 +61,12 @@ def test_blocking_client_against_the_daemon(db_url: str, tmp_path: Path, project
         assert replayed[0].id is not None and replayed[1].id == replayed[0].id + 1
         write_state(project, "a", doc("plan"))
         live = next(stream)
-        assert (live.kind, live.slug, live.from_value, live.to_value) == ("session.phase_changed", "a", "spec", "plan")
+        assert (live.kind, live.slug, live.from_value, live.to_value) == (
+            "session.phase_changed",
+            "a",
+            "spec",
+            "plan",
+        )
         assert events.last_id == live.id
 
         with pytest.raises(ControlError) as error:
@@ -83,7 +88,9 @@ def test_async_client_against_the_daemon(db_url: str, tmp_path: Path, project: P
             assert summary["sessions"] == 2
             assert (await client.status())["sessions"] == 2
             assert [e["slug"] for e in (await client.errors())["errors"]] == ["broken"]
-            assert (await client.sync(project / "agents/sessions/a"))["path"] == str(project / "agents/sessions/a")
+            assert (await client.sync(project / "agents/sessions/a"))["path"] == str(
+                project / "agents/sessions/a"
+            )
             with pytest.raises(ControlError) as error:
                 await client.sync(tmp_path / "elsewhere")
             assert error.value.code == "not_found"
@@ -111,3 +118,21 @@ def test_async_client_against_the_daemon(db_url: str, tmp_path: Path, project: P
 
     with pytest.raises(DaemonNotRunning):
         asyncio.run(absent())
+
+
+def test_subscribe_resumes_by_itself_after_a_lag(tmp_path: Path, project: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    with Daemon(tmp_path, url, projects=[project], env={"SESSIONSYNC_TEST_SUBSCRIBER_QUEUE": "2"}) as daemon:
+        daemon.wait_started()
+        client = Client(daemon.socket_path)
+        client.call({"cmd": "pause"})
+        for n in range(6):
+            write_state(project, f"burst-{n}", doc("spec"))
+        wait_for(lambda: client.status()["pending"] >= 6, timeout=10)
+        events = client.subscribe(kinds=["session.created"])
+        stream = iter(events)
+        client.call({"cmd": "resume"})  # six events at once: more than the queue of two
+        got = [next(stream) for _ in range(6)]
+        assert sorted(e.slug or "" for e in got) == [f"burst-{n}" for n in range(6)]
+        assert daemon.log_count("dropped a subscriber that fell too far behind") >= 1
+        assert daemon.stop() == 0

@@ -16,7 +16,7 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine, delete, func, select
 
-from sessionsync.daemon.control.client import stream
+from sessionsync.daemon.control.client import open_stream
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.migrate import alembic_config, upgrade
@@ -54,7 +54,8 @@ class Follower:
 
     def __init__(self, daemon: Daemon, **request: Any) -> None:
         self.events: list[dict[str, Any]] = []
-        self._stream = stream(daemon.socket_path, {"cmd": "subscribe", **request})
+        # Subscribed before the constructor returns.
+        self.reply, self._stream = open_stream(daemon.socket_path, {"cmd": "subscribe", **request})
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
