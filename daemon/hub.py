@@ -120,14 +120,14 @@ class Subscription:
 class Ticket:
     """One transaction's session events on their way to subscribers (see the module docstring).
 
-    Tell it `ids` once the INSERT … RETURNING answered, then exactly one of `committed`,
-    `rolled_back` or `uncertain` (the commit's outcome is not known: the connection broke).
+    Tell it the ids (`known`) once the INSERT … RETURNING answered, then exactly one of
+    `committed`, `rolled_back` or `uncertain` (the commit's outcome is not known: the connection
+    broke). `stamp` orders it among the others: when it was taken, then when its ids were known.
     """
 
     def __init__(self, hub: EventHub, stamp: int) -> None:
         self._hub = hub
         self.stamp = stamp
-        self.ids: list[int] | None = None
 
     def known(self, ids: Sequence[int]) -> None:
         self._hub._known(self, ids)
@@ -220,10 +220,9 @@ class EventHub:
     def _known(self, ticket: Ticket, ids: Sequence[int]) -> None:
         with self._lock:
             ticket.stamp = next(self._stamps)
-            ticket.ids = list(ids)
             del self._unknown[ticket]
-            if ticket.ids:
-                self._in_flight[ticket] = min(ticket.ids)
+            if ids:
+                self._in_flight[ticket] = min(ids)
 
     def _settle(self, ticket: Ticket, events: Sequence[dict[str, Any]], uncertain: bool = False) -> None:
         with self._lock:
