@@ -21,6 +21,7 @@ from sessionsync.daemon.errors import (
     EXIT_PIPE,
     ConfigError,
     DatabaseUnavailable,
+    OperationalError,
     ProjectNotFound,
     SessionSyncError,
     UsageError,
@@ -157,9 +158,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _ask(cfg: Config, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    from sessionsync.daemon.control.client import request
+    from sessionsync.client import Client
 
-    return request(cfg.socket_path(), payload, timeout=timeout)
+    return Client(cfg.socket_path()).call(payload, timeout=timeout)
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
@@ -256,22 +257,39 @@ def cmd_metrics(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, cfg: Config) -> int:
-    from sessionsync.daemon.control.client import stream
+    """Follow the stream like `journalctl -f`: when the daemon restarts, wait for it and resume
+    after the last id printed, so nothing committed meanwhile is missed."""
+    import time
 
-    for event in stream(cfg.socket_path(), {"cmd": "subscribe"}):
-        if args.json:
-            print(json.dumps(event), flush=True)
-        else:
-            print(_event_line(event), flush=True)
-        if event.get("kind") == "lagged":
-            print("sessionsync: this watcher fell behind and was dropped; run it again", file=sys.stderr)
-            return EXIT_FAILURE
-    print("sessionsync: the daemon closed the stream", file=sys.stderr)
-    return EXIT_FAILURE
+    from sessionsync.client import Client
+    from sessionsync.daemon.backoff import Backoff
+
+    client = Client(cfg.socket_path())
+    since: int | None = args.since
+    reached = False  # a daemon answered once: from then on its absence is waited out
+    backoff = Backoff(0.1, 2.0)
+    while True:
+        subscription = None
+        try:
+            subscription = client.subscribe(since=since)
+            reached = True
+            backoff.reset()
+            for event in subscription:
+                print(json.dumps(event.data) if args.json else _event_line(event.data), flush=True)
+        except OperationalError:
+            if not reached:
+                raise  # never reached a daemon: say so, as every client command does
+        if subscription is not None:  # it ended: the daemon stopped, was killed, or broke the line
+            since = subscription.last_id
+            after = f" after id {since}" if since is not None else ""
+            print(f"sessionsync: the daemon went away; waiting to resume{after}", file=sys.stderr, flush=True)
+        # One connect attempt per delay until the daemon is back (no files are polled).
+        time.sleep(backoff.next())
 
 
 def _event_line(event: dict[str, Any]) -> str:
-    """One readable line: time, kind, the session folder (or project), and what changed."""
+    """One readable line: id (session events), time, kind, the session folder (or project), and
+    what changed."""
     where = event.get("path") or event.get("project") or ""
     old, new = event.get("from"), event.get("to")
     if old is not None and new is not None:
@@ -281,7 +299,8 @@ def _event_line(event: dict[str, Any]) -> str:
     else:
         change = ""
     reason = f" ({event['reason']})" if event.get("reason") else ""
-    return f"{event.get('at', '')}  {event['kind']:<22} {where}{change}{reason}".rstrip()
+    number = f"#{event['id']}" if event.get("id") is not None else "-"
+    return f"{number:>8}  {event.get('at', '')}  {event['kind']:<22} {where}{change}{reason}".rstrip()
 
 
 def cmd_install_unit(args: argparse.Namespace, cfg: Config) -> int:
@@ -356,8 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         "session_dir", metavar="SESSION_DIR", help="the session folder, <project>/agents/sessions/<slug>"
     )
 
-    p = command("watch", cmd_watch, "follow the change-event stream")
+    p = command("watch", cmd_watch, "follow the change-event stream; resumes across daemon restarts")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
+    p.add_argument(
+        "--since", type=int, metavar="ID", help="first every committed session event after this id"
+    )
 
     command("pause", cmd_pause, "hold database writes (changes stay queued)")
     command("resume", cmd_resume, "let held writes go")

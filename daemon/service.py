@@ -93,8 +93,8 @@ class Service:
         self.engine = make_engine(
             cfg.database_url(self._env), own_folder=not cfg.database.url, timeout_s=cfg.database.timeout_s
         )
-        self.store = Store(self.engine)
         self.hub = EventHub()
+        self.store = Store(self.engine, hub=self.hub)
         self.queue = WorkQueue()
         self.health = DatabaseHealth()
         self.registry = ProjectRegistry()
@@ -347,6 +347,7 @@ class Service:
                         logger.info("database schema upgraded from {} to {}", before or "empty", after)
                 self.store.check_schema()
                 self.store.remember_file()
+                self.hub.resume_after(self.store.last_event_id())
                 self._refresh_projects(initial=True)
                 self.health.succeeded()
                 return True
@@ -384,7 +385,12 @@ class Service:
         from sessionsync.daemon.control.server import ControlServer
 
         self.control = ControlServer(
-            self.socket_path, build_handlers(self), self.hub, idle_timeout_s=self._hooks.control_idle_s
+            self.socket_path,
+            build_handlers(self),
+            self.hub,
+            idle_timeout_s=self._hooks.control_idle_s,
+            replay=self.store.events_between,
+            subscriber_queue=self._hooks.subscriber_queue,
         )
         self.control.start()
 
@@ -559,7 +565,8 @@ class Service:
     def _publish(self, events: list[dict[str, Any]]) -> None:
         log_changes(events)
         self._recent_errors.forget_fixed(events)
-        self.hub.publish_many(events)
+        # Session events (with an id) reached the hub as they committed, in id order (store.py).
+        self.hub.publish_many([e for e in events if "id" not in e])
         self._counts["events_published"] += len(events)
         # Between reconciles (which recount exactly), the status count follows the events.
         delta = sum(_LIVE_DELTA.get(e["kind"], 0) for e in events)

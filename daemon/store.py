@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,6 +34,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import TextClause, UpdateBase
 
 from sessionsync.daemon.errors import SchemaMissing
+from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.inspection import Action, Change, Known
 from sessionsync.models.events import (
     NOTIFY_CHANNEL,
@@ -76,24 +77,52 @@ _STAT = (
     "plan_exists",
     "dir_mtime_ns",
 )
-# An event row finds its session by key inside the same statement: no id round trip, and one
-# statement text for every batch, so the driver prepares it once.
-_INSERT_EVENT = session_events.insert().from_select(
-    ["session_id", "at", "kind", "from_value", "to_value", "detail"],
-    select(
-        sessions.c.id,
-        bindparam("e_at", type_=UTCDateTime()),
-        bindparam("e_kind", type_=String()),
-        bindparam("e_from", type_=Text()),
-        bindparam("e_to", type_=Text()),
-        bindparam("e_detail", type_=JSONDoc),
-    ).where(sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug")),
+# An event row finds its session by key inside the same statement (no id round trip) and
+# returns its id: the id is the event's place in the stream (daemon/hub.py).
+_EVENT_COLUMNS = ["session_id", "at", "kind", "from_value", "to_value", "detail"]
+_EVENT_VALUES = (
+    bindparam("e_at", type_=UTCDateTime()),
+    bindparam("e_kind", type_=String()),
+    bindparam("e_from", type_=Text()),
+    bindparam("e_to", type_=Text()),
+    bindparam("e_detail", type_=JSONDoc),
 )
-# The payloads travel as one JSON array built by joining them (each is a JSON object already):
-# no per-payload escaping, as a text[] parameter would need. `json` (not jsonb) keeps each
-# element's text as it was.
-_NOTIFY_ALL = text(
-    "SELECT pg_notify(:channel, p::text) FROM json_array_elements(CAST(:payloads AS json)) AS p"
+_SESSION_BY_KEY = (sessions.c.project_id == bindparam("e_project"), sessions.c.slug == bindparam("e_slug"))
+# SQLite: one row per statement (run in-process, see _EventInsert).
+_INSERT_EVENT = (
+    session_events.insert()
+    .from_select(_EVENT_COLUMNS, select(sessions.c.id, *_EVENT_VALUES).where(*_SESSION_BY_KEY))
+    .returning(session_events.c.id)
+)
+# PostgreSQL: the whole batch in one statement that inserts the events, returns their ids and
+# sends their NOTIFYs with the id in each payload, so a pipelined reconcile never waits for ids
+# mid-batch. The rows travel as one JSON array (`n` is each row's place in it). Ids are taken
+# from the sequence in the order of the INSERT's SELECT (ORDER BY n): the k-th smallest id
+# returned is the k-th row inserted, as SQLAlchemy's own sorted multi-row RETURNING relies on.
+# A row whose session is not there inserts nothing, and its `n` is not returned.
+_INSERT_EVENTS_PG = (
+    """
+WITH r AS (
+  SELECT r.n, r.at, r.kind, r.f, r.t, r.detail, r.payload, s.id AS session_id
+  FROM json_to_recordset(CAST(%(rows)s AS json))
+       AS r(n int, project int, slug text, at timestamptz, kind text, f text, t text, detail jsonb,
+            payload text)
+  JOIN sessions s ON s.project_id = r.project AND s.slug = r.slug
+), ins AS (
+  INSERT INTO session_events (session_id, at, kind, from_value, to_value, detail)
+  SELECT session_id, at, kind, f, t, COALESCE(detail, 'null'::jsonb) FROM r ORDER BY n
+  RETURNING id
+), numbered AS (
+  SELECT id, row_number() OVER (ORDER BY id) AS k FROM ins
+), payloads AS (
+  SELECT n, payload, row_number() OVER (ORDER BY n) AS k FROM r
+)
+SELECT numbered.id, payloads.n,
+       pg_notify('"""
+    + NOTIFY_CHANNEL
+    + """', '{"id":' || numbered.id || ',' || substr(payloads.payload, 2))
+FROM numbered JOIN payloads USING (k) ORDER BY numbered.id
+"""
 )
 _STATUS = ("synced_at", "deleted_at", "invalid", "sync_error", "sync_error_at")
 _BY_KEY = (sessions.c.project_id == bindparam("b_project_id"), sessions.c.slug == bindparam("b_slug"))
@@ -143,13 +172,101 @@ class _Bulk:
             conn.exec_driver_sql(self.sql, self.ready(rows))
 
 
+class _EventInsert:
+    """The event rows of a batch, inserted with their ids returned in row order; on PostgreSQL
+    the same statement sends their NOTIFYs (see _INSERT_EVENTS_PG).
+
+    Both run on the driver's cursor: on PostgreSQL one statement for the batch; on SQLite one per
+    row, in-process and as fast as sqlite3's executemany, which cannot return rows. (SQLAlchemy's
+    own executemany with RETURNING costs more than the insert does.)"""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._postgresql = dialect.name == "postgresql"
+        if self._postgresql:
+            self.sql = _INSERT_EVENTS_PG
+            return
+        compiled = _INSERT_EVENT.compile(dialect=dialect)
+        self.sql = str(compiled)
+        # SQLite's parameters are positional; times and JSON are bound as SQLAlchemy would.
+        self._order = tuple(compiled.positiontup or ())
+        self._processors = {
+            name: processor
+            for name, type_ in (("e_at", UTCDateTime()), ("e_detail", JSONDoc))
+            if (processor := type_.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+
+    def ready(self, rows: list[dict[str, Any]], stream: list[dict[str, Any]]) -> dict[str, str]:
+        """PostgreSQL's parameter: the rows, with each NOTIFY payload, as one JSON array."""
+        return {
+            "rows": dumps(
+                [
+                    {
+                        "n": n,
+                        "project": row["e_project"],
+                        "slug": row["e_slug"],
+                        "at": row["e_at"].isoformat(),
+                        "kind": row["e_kind"],
+                        "f": row["e_from"],
+                        "t": row["e_to"],
+                        "detail": row["e_detail"],
+                        "payload": notify_payload(event),
+                    }
+                    for n, (row, event) in enumerate(zip(rows, stream, strict=True))
+                ]
+            )
+        }
+
+    @staticmethod
+    def ids(cursor: Any, count: int) -> list[int | None]:
+        """The ids PostgreSQL's statement returned, by row (None: its session was not there)."""
+        ids: list[int | None] = [None] * count
+        for event_id, n, _ in cursor.fetchall():
+            ids[n] = int(event_id)
+        return ids
+
+    def run(
+        self, conn: Connection, rows: list[dict[str, Any]], stream: list[dict[str, Any]]
+    ) -> list[int | None]:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        if self._postgresql:
+            with raw.cursor() as cursor:
+                cursor.execute(self.sql, self.ready(rows, stream))
+                return self.ids(cursor, len(rows))
+        ids: list[int | None] = []
+        processors, cursor = self._processors, raw.cursor()
+        try:
+            for row in rows:
+                cursor.execute(
+                    self.sql, [processors[k](row[k]) if k in processors else row[k] for k in self._order]
+                )
+                found = cursor.fetchone()
+                ids.append(None if found is None else int(found[0]))
+        finally:
+            cursor.close()
+        return ids
+
+
 @dataclass
 class WritePlan:
-    """One batch's transaction before it runs: the statements with their rows, and what it will
-    have done once committed (counts and stream events)."""
+    """One batch's transaction before it runs: the statements with their rows, the event rows,
+    and what it will have done once committed (counts and stream events, which get their ids
+    from `numbered`)."""
 
     steps: list[tuple[_Bulk, list[dict[str, Any]]]]
     result: WriteResult
+    event_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps and not self.event_rows
+
+    def numbered(self, ids: Sequence[int | None]) -> list[dict[str, Any]]:
+        """Give each stream event its row's id (id first); an event whose row was not inserted
+        (its session was not there) is left out. The events are stored in `result` too."""
+        events = [{"id": i, **e} for i, e in zip(ids, self.result.events, strict=True) if i is not None]
+        self.result.events = events
+        return events
 
 
 class DatabaseFault(Exception):
@@ -217,7 +334,7 @@ class WriteResult:
 class Store:
     """All database access of the daemon and the one-shot commands goes through here."""
 
-    def __init__(self, engine: Engine, host: str | None = None) -> None:
+    def __init__(self, engine: Engine, host: str | None = None, hub: EventHub | None = None) -> None:
         self.engine = engine
         self.host = host or socket.gethostname()
         self.dialect = engine.dialect.name
@@ -227,8 +344,8 @@ class Store:
         self._upsert_invalid = self._upsert(_STAT + _STATUS)
         self._touch = _Bulk(_TOUCH, dialect)
         self._tombstone = _Bulk(_TOMBSTONE, dialect)
-        self._insert_events = _Bulk(_INSERT_EVENT, dialect, json_keys=("e_detail",))
-        self._notify = _Bulk(_NOTIFY_ALL, dialect)
+        self.event_insert = _EventInsert(dialect)
+        self.hub = hub
         database = engine.url.database if self.dialect == "sqlite" else None
         # The SQLite file and which file it was when last checked (see `file_replaced`).
         self.file = os.path.abspath(database) if database and database != ":memory:" else None
@@ -442,12 +559,35 @@ class Store:
         known: Mapping[SessionKey, Known],
         now: datetime | None = None,
     ) -> WriteResult:
-        """Apply a batch of changes in one transaction; returns counts and committed events."""
+        """Apply a batch of changes in one transaction; returns counts and committed events.
+
+        With a hub, the events reach its subscribers once committed, in id order (daemon/hub.py)."""
         plan = self.plan(changes, known, now)
-        if plan.steps:
-            with self.engine.begin() as conn:
+        if plan.empty:
+            return plan.result
+        ticket = self.hub.ticket() if self.hub is not None and plan.event_rows else None
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
                 for bulk, rows in plan.steps:
                     bulk.run(conn, rows)
+                if plan.event_rows:
+                    ids = self.event_insert.run(conn, plan.event_rows, plan.result.events)
+                    if ticket is not None:
+                        ticket.known([i for i in ids if i is not None])
+                    plan.numbered(ids)
+            except BaseException:
+                if ticket is not None:
+                    ticket.rolled_back()  # COMMIT was never sent
+                raise
+            try:
+                transaction.commit()
+            except BaseException:
+                if ticket is not None:
+                    ticket.uncertain()  # COMMIT was sent: it may have happened
+                raise
+        if ticket is not None:
+            ticket.committed(plan.result.events)
         return plan.result
 
     def plan(
@@ -463,13 +603,8 @@ class Store:
         ordered = sorted(changes, key=lambda pc: (pc[0].id, pc[1].key.slug))
         self._plan_rows(plan, ordered, now)
         events = self._events(ordered, known, now)
-        if events:
-            plan.steps.append((self._insert_events, [row for row, _ in events]))
-            plan.result.events = [stream for _, stream in events]
-            if self.dialect == "postgresql":
-                # One statement for the whole batch; delivered only if its transaction commits.
-                payloads = f"[{','.join(notify_payload(e) for e in plan.result.events)}]"
-                plan.steps.append((self._notify, [{"channel": NOTIFY_CHANNEL, "payloads": payloads}]))
+        plan.event_rows = [row for row, _ in events]
+        plan.result.events = [stream for _, stream in events]
         return plan
 
     def _plan_rows(
@@ -571,6 +706,56 @@ class Store:
                     )
                 )
         return events
+
+    def last_event_id(self) -> int:
+        """The highest session_events id (0 when there is none)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(session_events.c.id), 0))).scalar_one())
+
+    def events_between(
+        self,
+        after: int,
+        upto: int,
+        kinds: Collection[str] | None = None,
+        project_paths: Collection[str] | None = None,
+        window: int = 2000,
+    ) -> Iterator[dict[str, Any]]:
+        """The stream form of this host's committed events with `after < id <= upto`, in id
+        order. `kinds` are stream kinds (`session.created`), `project_paths` project folders.
+
+        Read a window of ids at a time: each query is a range of the primary key (however the
+        planner judges the tables), and a replay of 100,000 events holds one window in memory."""
+        e, s, p = session_events.c, sessions.c, projects.c
+        query = (
+            select(
+                e.id, e.kind, e.at, e.from_value, e.to_value, e.detail, s.slug, p.working_dir, p.sessions_dir
+            )
+            .select_from(session_events.join(sessions).join(projects))
+            .where(p.host == self.host)
+            .order_by(e.id)
+        )
+        if kinds is not None:
+            bare = [k.removeprefix("session.") for k in kinds if k.startswith("session.")]
+            query = query.where(e.kind.in_(bare))
+        if project_paths is not None:
+            query = query.where(p.working_dir.in_(list(project_paths)))
+        while after < upto:
+            top = min(after + window, upto)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query.where(e.id > after, e.id <= top)).all()
+            for row in rows:
+                event = session_event(
+                    SessionEventKind(row.kind),
+                    row.working_dir,
+                    row.slug,
+                    os.path.join(row.sessions_dir, row.slug),
+                    row.at,
+                    row.from_value,
+                    row.to_value,
+                    row.detail,
+                )
+                yield {"id": row.id, **event}
+            after = top
 
     def purge_tombstones(self, older_than: timedelta, now: datetime | None = None) -> int:
         """Delete this host's tombstoned rows (and their events) deleted more than `older_than` ago."""

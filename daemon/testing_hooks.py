@@ -8,6 +8,7 @@ so that the rest of the daemon holds no test-only code paths but these few calls
     SESSIONSYNC_TEST_INOTIFY_SYSCTL_DIR  stand-ins for the inotify sysctls (inotify_faults.py)
     SESSIONSYNC_TEST_CONTROL_IDLE_S      how long a silent control connection is kept
     SESSIONSYNC_TEST_PROGRESS_EVERY_S    how often a long reconcile logs its progress
+    SESSIONSYNC_TEST_SUBSCRIBER_QUEUE    how many events a subscriber may fall behind
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ DEFAULT_FALLBACK_SCAN_S = 30.0
 CONTROL_IDLE_ENV = "SESSIONSYNC_TEST_CONTROL_IDLE_S"
 # A reconcile logs progress every 5 s once it has lasted that long; tests need no 5 s pass.
 PROGRESS_EVERY_ENV = "SESSIONSYNC_TEST_PROGRESS_EVERY_S"
+# A subscriber is dropped 10,000 events behind; a test makes one lag with a handful.
+SUBSCRIBER_QUEUE_ENV = "SESSIONSYNC_TEST_SUBSCRIBER_QUEUE"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Hooks:
     inotify_faults: InotifyFaults | None = None
     control_idle_s: float | None = None  # None: the server's own default
     progress_every_s: float = LOG_EVERY_S
+    subscriber_queue: int | None = None  # None: the server's own default
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Hooks:
@@ -52,6 +56,7 @@ class Hooks:
             inotify_faults=InotifyFaults.from_env(env),
             control_idle_s=float(env[CONTROL_IDLE_ENV]) if env.get(CONTROL_IDLE_ENV) else None,
             progress_every_s=float(env.get(PROGRESS_EVERY_ENV) or LOG_EVERY_S),
+            subscriber_queue=int(env[SUBSCRIBER_QUEUE_ENV]) if env.get(SUBSCRIBER_QUEUE_ENV) else None,
         )
 
     def wedge_if_named(self, keys: Sequence[SessionKey]) -> None:

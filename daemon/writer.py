@@ -27,8 +27,9 @@ from psycopg import pq
 from sqlalchemy import Connection
 
 from sessionsync.daemon.batch import BatchResult, report_invalid, write_changes
+from sessionsync.daemon.hub import Ticket
 from sessionsync.daemon.inspection import Change, Known
-from sessionsync.daemon.store import ProjectRef, Store, WriteResult
+from sessionsync.daemon.store import ProjectRef, Store, WritePlan
 from sessionsync.models.keys import SessionKey
 
 
@@ -42,6 +43,17 @@ class Submitted:
     result: BatchResult  # the skips counted by inspection; the write's counts join when settled
     release: ExitStack  # the batch's claim on its keys, closed by whoever finishes the batch
     redo: bool = False  # not known to be written: sync these keys again from scratch
+
+
+@dataclass
+class _InFlight:
+    """The batch whose transaction is in the pipeline: its plan, the cursor that will hold its
+    event ids (None: no events), and its place among the hub's events."""
+
+    batch: Submitted
+    plan: WritePlan
+    events: psycopg.Cursor[Any] | None
+    ticket: Ticket | None
 
 
 class BatchWriter(Protocol):
@@ -76,7 +88,7 @@ class PipelinedWriter(AbstractContextManager["PipelinedWriter"]):
         self._raw: psycopg.Connection[Any] | None = None  # None once pipelining has stopped
         self._pipeline: AbstractContextManager[psycopg.Pipeline] | None = None
         self._sync: Callable[[], None] = lambda: None  # the pipeline's sync
-        self._in_flight: tuple[Submitted, WriteResult] | None = None
+        self._in_flight: _InFlight | None = None
 
     def __enter__(self) -> PipelinedWriter:
         conn = self._stack.enter_context(self.store.engine.connect())
@@ -102,20 +114,31 @@ class PipelinedWriter(AbstractContextManager["PipelinedWriter"]):
         if self._raw is None:
             return [*done, *self._direct.submit(batch)]
         plan = self.store.plan(batch.changes, batch.known)
-        if not plan.steps:
+        if plan.empty:
             return [*done, batch]
+        hub = self.store.hub
+        ticket = hub.ticket() if hub is not None and plan.event_rows else None
         try:
             cursor = self._raw.cursor()
             cursor.execute("BEGIN")
             for bulk, rows in plan.steps:
                 assert bulk.sql is not None  # compiled for PostgreSQL
                 cursor.executemany(bulk.sql, bulk.ready(rows))
+            # The events' statement on a cursor of its own, which holds their ids once the
+            # pipeline syncs: nothing waits for them here.
+            events = None
+            if plan.event_rows:
+                inserts = self.store.event_insert
+                events = self._raw.cursor()
+                events.execute(inserts.sql, inserts.ready(plan.event_rows, plan.result.events))
             cursor.execute("COMMIT")
         except psycopg.Error as error:
+            if ticket is not None:
+                ticket.uncertain()
             self._stop(error)
             batch.redo = True
             return [*done, batch]
-        self._in_flight = (batch, plan.result)
+        self._in_flight = _InFlight(batch, plan, events, ticket)
         return done
 
     def drain(self) -> list[Submitted]:
@@ -124,15 +147,27 @@ class PipelinedWriter(AbstractContextManager["PipelinedWriter"]):
     def _settle(self) -> list[Submitted]:
         if self._in_flight is None:
             return []
-        batch, written = self._in_flight
+        flight = self._in_flight
         self._in_flight = None
+        batch, ticket = flight.batch, flight.ticket
         try:
             self._sync()
+            ids = (
+                []
+                if flight.events is None
+                else self.store.event_insert.ids(flight.events, len(flight.plan.event_rows))
+            )
         except psycopg.Error as error:
+            if ticket is not None:
+                ticket.uncertain()  # its COMMIT was sent
             self._stop(error)
             batch.redo = True
         else:
-            batch.result.add(written)
+            events = flight.plan.numbered(ids)
+            if ticket is not None:
+                ticket.known([event["id"] for event in events])
+                ticket.committed(events)
+            batch.result.add(flight.plan.result)
             report_invalid(batch.changes)
         return [batch]
 

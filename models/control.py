@@ -9,7 +9,9 @@ from __future__ import annotations
 import posixpath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sessionsync.models.events import STREAM_KINDS
 
 ErrorCode = Literal["bad_request", "unknown_command", "not_found", "unavailable", "internal", "busy"]
 
@@ -88,7 +90,26 @@ class ResumeRequest(ControlRequest):
 
 
 class SubscribeRequest(ControlRequest):
+    """Follow the event stream: first every committed session event after id `since` (from the
+    database), then live; only the `kinds` and `projects` (absolute folders) listed, if given."""
+
     cmd: Literal["subscribe"]
+    since: int | None = Field(default=None, ge=0)
+    kinds: list[str] | None = None
+    projects: list[str] | None = None
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds_known(cls, kinds: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(kinds or ()) - set(STREAM_KINDS))
+        if unknown:
+            raise ValueError(f"unknown kinds {', '.join(unknown)}; allowed: {', '.join(STREAM_KINDS)}")
+        return kinds
+
+    @field_validator("projects")
+    @classmethod
+    def _projects_absolute(cls, projects: list[str] | None) -> list[str] | None:
+        return None if projects is None else [_absolute(p) for p in projects]
 
 
 class ErrorsRequest(ControlRequest):

@@ -1,8 +1,8 @@
 """Change-event kinds and their stream payloads.
 
 A row in `session_events` has a bare kind (`created`); on the control stream and in PostgreSQL
-`NOTIFY sessionsync` the same change is `session.created`, carrying the project path, the slug,
-the session folder (`path`), the time and what changed. Payloads carry keys and values, never
+`NOTIFY sessionsync` the same change is `session.created`, carrying its row `id`, the project
+path, the slug, the session folder (`path`), the time and what changed. Payloads carry keys and values, never
 whole documents (NOTIFY payloads are limited to 8000 bytes).
 """
 
@@ -28,6 +28,13 @@ class SessionEventKind(StrEnum):
 
 PROJECT_RESYNCED = "project.resynced"
 RECONCILE_FINISHED = "reconcile.finished"
+# Every kind an event on the stream can have; session events carry an `id`, the others are
+# live-only (no id: they are not rows and are not replayed).
+STREAM_KINDS: tuple[str, ...] = (
+    *(f"session.{kind.value}" for kind in SessionEventKind),
+    PROJECT_RESYNCED,
+    RECONCILE_FINISHED,
+)
 NOTIFY_CHANNEL = "sessionsync"
 NOTIFY_LIMIT = 7900
 

@@ -125,6 +125,7 @@ sessions = Table(
 )
 
 # One meaningful change of a session: created, updated, phase_changed, ...
+# Ids are never reused (a subscriber resumes after one): AUTOINCREMENT on SQLite (migration 0004).
 session_events = Table(
     "session_events",
     metadata,
@@ -136,4 +137,5 @@ session_events = Table(
     Column("to_value", Text),
     Column("detail", JSONDoc),
     Index("ix_session_events_session_at", "session_id", "at"),
+    sqlite_autoincrement=True,
 )

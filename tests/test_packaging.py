@@ -47,6 +47,8 @@ def test_the_wheel_installs_only_sessionsync(tmp_path: Path) -> None:
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"sessionsync", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     for needed in (
+        "sessionsync/__init__.py",
+        "sessionsync/client.py",
         "sessionsync/daemon/cli.py",
         "sessionsync/daemon/control/server.py",
         "sessionsync/models/migrations/script.py.mako",

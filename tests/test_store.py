@@ -409,7 +409,7 @@ def test_a_database_at_0001_upgrades_keeping_its_rows(db_url: str, project: Path
                     invalid=False,
                 )
             )
-        assert upgrade(engine) == ("0001", "0003")
+        assert upgrade(engine) == ("0001", "0004")
         mirrored = row(engine, "s")
         assert (mirrored["title"], mirrored["dir_mtime_ns"]) == ("mirrored before 0002", None)
         run(store, project)

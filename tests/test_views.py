@@ -307,6 +307,6 @@ def test_downgrade_drops_the_views_and_upgrade_brings_them_back(engine: Engine, 
         conn.commit()
     assert not VIEWS & set(inspect(engine).get_view_names())
     assert len(session_rows(str(engine.url))) == 12  # the tables keep their rows
-    assert upgrade(engine) == ("0002", "0003")
+    assert upgrade(engine) == ("0002", "0004")
     assert set(inspect(engine).get_view_names()) >= VIEWS
     assert len(query(engine, "SELECT * FROM live_sessions")) == 11

@@ -23,7 +23,7 @@ from sessionsync.daemon.control.protocol import (
 from sessionsync.daemon.errors import DaemonNotRunning, OperationalError
 from sessionsync.daemon.paths import default_socket_path
 
-__all__ = ["default_socket_path", "request", "request_with_progress", "stream"]
+__all__ = ["default_socket_path", "open_stream", "request", "request_with_progress", "stream"]
 
 
 def request(path: Path, payload: Mapping[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -42,9 +42,26 @@ def stream(path: Path, payload: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     The request itself must be answered within 10 s, with the errors of `request`; after that
     the stream waits as long as it takes for the next event.
     """
-    with _connect(path, payload, 10.0) as sock, sock.makefile("rb") as reader:
-        _read_reply(path, reader, 10.0)
-        sock.settimeout(None)
+    _reply, events = open_stream(path, payload)
+    yield from events
+
+
+def open_stream(path: Path, payload: Mapping[str, Any]) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """`stream`, subscribed now: the reply's result, and the events to come."""
+    sock = _connect(path, payload, 10.0)
+    reader = sock.makefile("rb")
+    try:
+        reply = _read_reply(path, reader, 10.0)
+    except BaseException:
+        reader.close()
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return reply, _events(path, sock, reader)
+
+
+def _events(path: Path, sock: socket.socket, reader: BufferedReader) -> Iterator[dict[str, Any]]:
+    with sock, reader:
         while (line := _read_line(path, reader)) is not None:
             try:
                 event = json.loads(line)

@@ -17,7 +17,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,14 @@ from sessionsync.daemon.errors import (
     OperationalError,
     ProjectNotFound,
 )
-from sessionsync.daemon.hub import EventHub, Subscription
+from sessionsync.daemon.hub import EventFilter, EventHub, Subscription
 from sessionsync.daemon.instance_lock import LockFile
 from sessionsync.daemon.logs import mask_secrets
-from sessionsync.models.control import COMMANDS, ControlRequest
+from sessionsync.models.control import COMMANDS, ControlRequest, SubscribeRequest
+
+Replay = Callable[[int, int, Collection[str] | None, Collection[str] | None], Iterable[dict[str, Any]]]
+"""Committed session events `after < id <= upto` of these kinds and projects, in id order
+(Store.events_between)."""
 
 Handler = Callable[[Any], dict[str, Any] | Progressing]
 """Takes the validated request model of its command (e.g. ResyncRequest) and returns the result
@@ -60,7 +64,7 @@ parameter is typed Any so that a handler can declare its own command's model.
 _SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 _SEND_BATCH = 256  # events written to a subscriber per system call when it is behind
 _STOP_JOIN_S = 5.0  # how long stop() waits for connection threads (a handler may be mid-call)
-_LAGGED = b'{"kind":"lagged"}\n'
+SUBSCRIBER_QUEUE = 10_000  # events a subscriber may fall behind before it is dropped (lagged)
 IDLE_TIMEOUT_S = 300.0  # a client silent this long between requests is hung up on
 
 
@@ -101,6 +105,8 @@ class ControlServer:
         hub: EventHub,
         allowed_uids: Collection[int] | None = None,
         idle_timeout_s: float | None = None,
+        replay: Replay | None = None,
+        subscriber_queue: int | None = None,
     ) -> None:
         unknown = sorted(set(handlers) - set(COMMANDS))
         if unknown:
@@ -120,6 +126,8 @@ class ControlServer:
         self._numbers = itertools.count(1)
         self._stopping = threading.Event()
         self._idle_timeout_s = idle_timeout_s or IDLE_TIMEOUT_S
+        self._replay = replay
+        self._subscriber_queue = subscriber_queue or SUBSCRIBER_QUEUE
         self._cap = connection_cap()
         self._full = False  # at the cap with nobody idle: said once until a connection is taken again
         # Two daemons started at once on one socket must not both replace it (instance_lock.py).
@@ -378,8 +386,8 @@ class ControlServer:
             except ProtocolError as e:
                 conn.sock.sendall(encode_error(e.code, e.message))
                 continue
-            if request.cmd == "subscribe":
-                self._stream(conn, reader)
+            if isinstance(request, SubscribeRequest):
+                self._stream(conn, reader, request)
                 return
             conn.sock.sendall(self._call(request, conn.sock))
 
@@ -407,19 +415,25 @@ class ControlServer:
             logger.error("control: cannot send the result of {}: {}", request.cmd, e.message)
             return encode_error(e.code, e.message)
 
-    def _stream(self, conn: _Connection, reader: BufferedReader) -> None:
+    def _stream(self, conn: _Connection, reader: BufferedReader, request: SubscribeRequest) -> None:
         """Turn the connection into an event stream until the client or the server hangs up."""
-        sub = self._hub.subscribe()
+        if request.since is not None and (self._replay is None or not self._hub.resumed):
+            conn.sock.sendall(
+                encode_error("unavailable", "the daemon is still connecting to its database; try again")
+            )
+            return
+        sub = self._hub.subscribe(self._subscriber_queue, _event_filter(request.kinds, request.projects))
         with self._conns_lock:
             conn.sub = sub
             if self._stopping.is_set():  # stop() may have swept the connections already
                 sub.close()
         sender: threading.Thread | None = None
         try:
-            # Subscribed before the reply: every event published after the client reads it arrives.
-            conn.sock.sendall(encode_ok({"subscribed": True}))
+            # Subscribed before the reply: every event released after the client reads it arrives,
+            # and `last_id` is the last one released before.
+            conn.sock.sendall(encode_ok({"subscribed": True, "last_id": sub.start_id}))
             sender = threading.Thread(
-                target=self._send_events, args=(conn, sub), name=f"{conn.name}-events", daemon=True
+                target=self._send_events, args=(conn, sub, request), name=f"{conn.name}-events", daemon=True
             )
             sender.start()
             # A subscriber has nothing more to say; reading only tells when it hangs up.
@@ -431,22 +445,67 @@ class ControlServer:
             if sender is not None:
                 sender.join()
 
-    def _send_events(self, conn: _Connection, sub: Subscription) -> None:
+    def _send_events(self, conn: _Connection, sub: Subscription, request: SubscribeRequest) -> None:
         try:
-            while (event := sub.get()) is not None:
-                lines = [_encode_event(event)]
-                # Catch up in large writes when behind; get(timeout=0) never waits.
-                while len(lines) < _SEND_BATCH and (event := sub.get(timeout=0)) is not None:
-                    lines.append(_encode_event(event))
-                conn.sock.sendall(b"".join(lines))
+            resume = None if request.since is None else self._send_replay(conn, sub, request.since, request)
+            if resume is None:  # live: from where the replay (if any) ended
+                while (event := sub.get()) is not None:
+                    lines = [_encode_event(event)]
+                    # Catch up in large writes when behind; get(timeout=0) never waits.
+                    while len(lines) < _SEND_BATCH and (event := sub.get(timeout=0)) is not None:
+                        lines.append(_encode_event(event))
+                    conn.sock.sendall(b"".join(lines))
+                resume = sub.last_id
             if sub.lagged:
                 logger.warning("control: dropped a subscriber that fell too far behind the events")
-                conn.sock.sendall(_LAGGED)
+                conn.sock.sendall(encode_event({"kind": "lagged", "last_id": resume}))
         except OSError as e:
             logger.debug("control: subscriber {} ended: {}", conn.name, e)
         finally:
             sub.close()
             conn.hang_up()
+
+    def _send_replay(
+        self, conn: _Connection, sub: Subscription, since: int, request: SubscribeRequest
+    ) -> int | None:
+        """Send the committed events after `since` up to where the live stream starts (the live
+        events buffer meanwhile). None when the live stream takes over; the id to resume from
+        when the replay was cut short (the buffer overflowed, the database failed)."""
+        assert self._replay is not None
+        if since >= sub.start_id:  # nothing to replay; live events the client has are skipped
+            sub.sent(since)
+            return None
+        sent = since
+        lines: list[bytes] = []
+        try:
+            for event in self._replay(since, sub.start_id, request.kinds, request.projects):
+                lines.append(_encode_event(event))
+                if len(lines) == _SEND_BATCH:
+                    if sub.lagged:
+                        return sent
+                    conn.sock.sendall(b"".join(lines))
+                    lines.clear()
+                    sent = event["id"]
+        except Exception as e:
+            if isinstance(e, OSError):
+                raise
+            # The database failed mid-replay: the client resumes from what it was sent.
+            logger.warning("control: replay for a subscriber failed: {}", mask_secrets(str(e)))
+            sub.drop()
+            return sent
+        conn.sock.sendall(b"".join(lines))
+        return None
+
+
+def _event_filter(kinds: list[str] | None, projects: list[str] | None) -> EventFilter | None:
+    if kinds is None and projects is None:
+        return None
+    kind_set = None if kinds is None else frozenset(kinds)
+    project_set = None if projects is None else frozenset(projects)
+    return lambda e: (
+        (kind_set is None or e.get("kind") in kind_set)
+        and (project_set is None or e.get("project") in project_set)
+    )
 
 
 def _encode_event(event: Mapping[str, Any]) -> bytes:
