@@ -497,6 +497,22 @@ def test_status_imports_no_database_or_scheduler_library(
     assert heavy == []
 
 
+def test_a_reconcile_with_nothing_to_do_imports_only_what_it_uses(user: NewUser) -> None:
+    """The one-shot CLI's start-up is its imports: a reconcile that finds the schema at the head
+    and nothing changed (SQLite, the default) needs no Alembic, psycopg, ORM, scheduler, watcher,
+    progress bar or metrics."""
+    write_state(user.project(), "first", fixture_doc("v2-spec"))
+    assert user.run("reconcile").returncode == 0  # creates the database and mirrors the session
+    out = user.run("reconcile", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert out.returncode == 0, out.stderr
+    assert ", 0 written, 1 unchanged," in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "sessionsync.daemon.reconcile" in imported  # the whole command ran
+    unused = {"alembic", "psycopg", "apscheduler", "watchdog", "tqdm", "prometheus_client"}
+    heavy = sorted(m for m in imported if m.split(".")[0] in unused or m.startswith("sqlalchemy.orm"))
+    assert heavy == []
+
+
 def test_a_one_shot_reconcile_logs_like_the_daemon(user: NewUser) -> None:
     project = user.project()
     write_state(project, "good", fixture_doc("v2-spec"))
