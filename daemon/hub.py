@@ -125,9 +125,10 @@ class Ticket:
     broke). `stamp` orders it among the others: when it was taken, then when its ids were known.
     """
 
-    def __init__(self, hub: EventHub, stamp: int) -> None:
+    def __init__(self, hub: EventHub, stamp: int, epoch: int) -> None:
         self._hub = hub
         self.stamp = stamp
+        self.epoch = epoch  # which database's ids it holds (see EventHub.restart)
 
     def known(self, ids: Sequence[int]) -> None:
         self._hub._known(self, ids)
@@ -160,6 +161,7 @@ class EventHub:
         self._ready: list[tuple[int, int, dict[str, Any]]] = []  # heap of (id, stamp, event)
         self._released = 0
         self._resumed = False
+        self._epoch = 0  # moved on by restart(): tickets of an earlier one release nothing
         # Replaced, never mutated, so a publisher iterates a snapshot without holding _subs_lock.
         self._subs: tuple[Subscription, ...] = ()
         self._subs_lock = threading.Lock()
@@ -184,10 +186,26 @@ class EventHub:
                 sub.start_id = max(sub.start_id, self._released)
                 sub.last_id = max(sub.last_id, self._released)
 
+    def restart(self, last_id: int) -> None:
+        """The database's ids begin again (its SQLite file was deleted and rebuilt): every id a
+        subscriber holds names an event of a database that is gone. Each is dropped as lagged
+        with last_id 0, so it resumes from the new database's first event; events of
+        transactions on the old file are never released; the hub continues after `last_id`."""
+        with self._lock:
+            self._epoch += 1
+            self._ready.clear()
+            self._released = last_id
+            self._resumed = True
+            for sub in self._subs:
+                sub.start_id = sub.last_id = 0
+                sub.drop()
+            with self._subs_lock:
+                self._subs = ()
+
     def ticket(self) -> Ticket:
         """Taken before a transaction's event INSERT runs."""
         with self._lock:
-            ticket = Ticket(self, next(self._stamps))
+            ticket = Ticket(self, next(self._stamps), self._epoch)
             self._unknown[ticket] = None
         return ticket
 
@@ -228,6 +246,8 @@ class EventHub:
         with self._lock:
             self._unknown.pop(ticket, None)
             self._in_flight.pop(ticket, None)
+            if ticket.epoch != self._epoch:
+                events = ()  # written to a database file that is gone
             for event in events:
                 heapq.heappush(self._ready, (event["id"], ticket.stamp, event))
             if uncertain:

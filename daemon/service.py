@@ -376,6 +376,7 @@ class Service:
             make_private(self.store.file, own_folder=not self.cfg.database.url)
             upgrade(self.engine)
             self.store.remember_file()
+            self.hub.restart(self.store.last_event_id())  # subscribers resume from the new file's start
             found = [ProjectPath(r.path, r.sessions_dir) for r in self.registry.refs().values()]
             self.registry.add(register(self.store, found))
             self._request_reconcile(None, "database file replaced")

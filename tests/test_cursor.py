@@ -205,6 +205,23 @@ def test_a_rolled_back_ticket_lets_the_others_through_and_an_uncertain_one_drops
     assert hub.subscriber_count() == 0
 
 
+def test_a_restart_drops_subscribers_to_id_0_and_releases_nothing_of_the_old_file() -> None:
+    hub = EventHub()
+    hub.resume_after(40)
+    sub = hub.subscribe()
+    old = hub.ticket()
+    old.known([41])
+    hub.restart(0)  # the file was deleted: the new one's ids start at 1
+    assert sub.lagged and sub.last_id == 0
+    after = hub.subscribe()
+    old.committed([_ev(41)])  # a transaction on the gone file ends late
+    new = hub.ticket()
+    new.known([1])
+    new.committed([_ev(1)])
+    assert _drained(after) == [1]
+    assert hub.released == 1
+
+
 def test_filters_apply_before_the_buffer() -> None:
     hub = EventHub()
     sub = hub.subscribe(maxsize=1, accept=lambda e: e["slug"] == "s2")
@@ -389,3 +406,26 @@ def test_watch_with_no_daemon_says_so_and_exits_1(tmp_path: Path) -> None:
     out = daemon.cli("watch", "--since", "3")
     assert out.returncode == 1
     assert "the sessionsync daemon is not running" in out.stdout
+
+
+def test_a_deleted_sqlite_file_sends_subscribers_back_to_id_0_of_the_new_one(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    for n in range(3):
+        write_state(project, f"s{n}", doc(n=n))
+    database = tmp_path / "sessions.db"
+    url = f"sqlite:///{database}"
+    with Daemon(tmp_path, url, projects=[project], debounce_ms=50) as daemon:
+        daemon.wait_started()
+        before = Follower(daemon, since=0)
+        wait_for(lambda: len(before.session_events()) == 3)
+        assert before.session_events()[-1][0] == 3
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+        write_state(project, "after", doc(n=9))
+        wait_for(before.ended, timeout=15)
+        assert before.events[-1] == {"kind": "lagged", "last_id": 0}  # its ids name a file that is gone
+        wait_for(lambda: len(committed(url)) >= 4, timeout=15)
+        again = Follower(daemon, since=0)  # as the lagged line says
+        wait_for(lambda: {slug for _, _, slug in again.session_events()} == {"s0", "s1", "s2", "after"})
+        assert [event_id for event_id, _, _ in again.session_events()][:4] == [1, 2, 3, 4]
+        assert daemon.stop() == 0
