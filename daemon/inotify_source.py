@@ -302,7 +302,11 @@ class _InotifyFD(InotifyFD):
                 self._on_limit(os.fsdecode(callback.path), exc.errno)
             raise
         if wd == -1:
-            # watchdog lets EACCES through as watch descriptor -1: nothing is watched there.
+            # watchdog lets EACCES through as watch descriptor -1: nothing is watched there. A
+            # session folder made while the sessions folder could not be read is one: reported as
+            # a limit is, so that the project falls back rather than miss that session silently.
+            if isinstance(callback, InotifyWatchGroup):
+                self._on_limit(os.fsdecode(callback.path), errno.EACCES)
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
         return wd
 
