@@ -241,16 +241,20 @@ class SessionsWatch:
             return len(self._children) + (self._wd is not None)
 
     def _add_child(self, name: str) -> int | None:
-        """Watch the session folder `name`; the limit error when it could not be, else None."""
+        """Watch the session folder `name`; the error when it could not be (a limit, or EACCES),
+        else None. A folder that cannot be read is one: made while the sessions folder itself
+        could not be read (chmod 000), it would stay unwatched once that is undone, and its writes
+        would be missed silently; reported as a limit is, the project falls back to scanning and
+        its retries watch it again."""
         with self._lock:
             if self._closed or name in self._children:
                 return None
             try:
                 self._children[name] = self._fd.add_watch(os.path.join(self.path, name), self, name)
             except OSError as exc:
-                if exc.errno in LIMIT_ERRNOS:
+                if exc.errno in LIMIT_ERRNOS or exc.errno == errno.EACCES:
                     return exc.errno
-                # Gone again, not a folder (a link), unreadable: no session folder to watch.
+                # Gone again, or not a folder (a link): no session folder to watch.
         return None
 
     def _drop_child(self, name: str) -> None:

@@ -88,10 +88,8 @@ def list_slugs(sessions_dir: str) -> list[str]:
 # Projects whose sessions folder could not be listed, and why: said once when it starts, once
 # when it ends, not on every pass.
 _unreadable_reported: dict[str, str] = {}
-# The reasons of the reconcile that looks again at such a project (no event says it is readable),
-# and of the one after it is watched anew, once readable again.
+# The reason of the reconcile that looks again at such a project (no event says it is readable).
 RESYNC_UNREADABLE = "sessions folder unreadable"
-RESYNC_READABLE = "sessions folder readable again"
 
 
 def unreadable_projects() -> set[str]:

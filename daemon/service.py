@@ -50,7 +50,6 @@ from sessionsync.daemon.progress import LogProgress
 from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.recent_errors import RecentErrors
 from sessionsync.daemon.reconcile import (
-    RESYNC_READABLE,
     RESYNC_UNREADABLE,
     ReconcileSummary,
     freeze_long_lived,
@@ -469,7 +468,6 @@ class Service:
             job.progress = (done, total)  # what `resync --wait` shows (control/handlers.py)
             log_progress(done, total)
 
-        unreadable = unreadable_projects()
         summary = reconcile(
             self.store,
             chosen,
@@ -481,18 +479,11 @@ class Service:
         )
         self.health.succeeded()
         self.registry.remove(sorted(job.forget))
-        back = {r.path for r in chosen} & unreadable - unreadable_projects()
-        for path in sorted(back):
-            # Session folders made in it while it could not be read went unwatched: watched anew,
-            # then reconciled again for what changed before the new watch.
-            self.watcher.rewatch(path)
-        if back:
-            self._request_reconcile(back, RESYNC_READABLE)
         self._counts["reconciles" if job.projects is None else "resyncs"] += 1
         now = datetime.now(UTC)
         # A project without an inotify watch is scanned every half minute, one that cannot be
         # listed at every discovery: only a scan that found something is worth a line at INFO.
-        looks = (RESYNC_FALLBACK, RESYNC_UNREADABLE, RESYNC_READABLE)
+        looks = (RESYNC_FALLBACK, RESYNC_UNREADABLE)
         routine = job.reason in looks and not summary.as_dict()["changed"]
         logger.log("DEBUG" if routine else "INFO", "{} ({})", summary.line(), job.reason)
         events: list[dict[str, Any]] = [

@@ -194,17 +194,6 @@ class ProjectWatches:
             resyncs += self._timers(entry, now)
         return resyncs
 
-    def rearm(self, name: str) -> None:
-        """Watch a live project again from scratch (its parent watch kept): its sessions folder
-        could not be read, and inotify watches nothing it cannot read, so the session folders made
-        in it meanwhile went unwatched. A project in fallback re-arms on its own retries."""
-        entry = self._projects.get(name)
-        if entry is None or entry.state != "live":
-            return
-        self._disarm(entry, keep_parent=True)
-        self._arm(entry)
-        self._log_change(entry, "live")
-
     def rearm_all(self) -> None:
         """Watch every project again: the source was replaced, its watches went with it."""
         for entry in self._projects.values():

@@ -177,12 +177,6 @@ class SessionWatcher:
             self._reschedule()
             return state == "live"
 
-    def rewatch(self, project: str) -> None:
-        """Watch `project` again from scratch (see ProjectWatches.rearm); the resync is the caller's."""
-        with self._lock:
-            self._table.rearm(project)
-            self._reschedule()
-
     def unwatch(self, project: str) -> None:
         with self._lock:
             self._table.remove(project)

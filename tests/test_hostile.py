@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from sessionsync.daemon.testing_hooks import FALLBACK_SCAN_ENV
 from tests.support.newuser import NewUser
 from tests.support.sessions import fixture_doc, write_state
 
@@ -237,8 +238,39 @@ def test_a_sessions_folder_unreadable_under_a_running_daemon_keeps_its_rows_unti
         assert daemon.stop() == 0
     log = daemon.log()
     assert "Traceback" not in log
-    assert "Permission denied" in log and log.count("Permission denied") == 1, log
+    assert "state.json is invalid" not in log, log
+    assert log.count("skipping this project (its rows are kept)") == 1, log
     assert log.count("can be read again") == 1, log
+
+
+def test_a_session_folder_made_while_the_sessions_folder_is_unreadable_is_not_missed(
+    unprivileged_tmp: Path,
+) -> None:
+    """inotify cannot watch a folder made where the daemon may not search: the project falls back
+    to scanning (one line), so that session's later writes are mirrored, and then it is watched."""
+    from tests.support.oracle import converged
+    from tests.support.runner import Daemon
+    from tests.support.waiting import wait_for
+
+    project = unprivileged_tmp / "proj"
+    write_state(project, "old", fixture_doc("v2-spec"))
+    url = f"sqlite:///{unprivileged_tmp / 's.db'}"
+    sessions = project / "agents" / "sessions"
+    env = {FALLBACK_SCAN_ENV: "0.5"}
+    with Daemon(unprivileged_tmp, url, projects=[project], uid=NOBODY, env=env, debounce_ms=20) as daemon:
+        daemon.wait_started()
+        sessions.chmod(0o000)
+        (sessions / "made").mkdir()
+        wait_for(
+            lambda: daemon.log_count("agents/sessions: Permission denied; scanning it every") == 1, timeout=10
+        )
+        sessions.chmod(0o755)
+        write_state(project, "made", {**fixture_doc("v2-spec"), "topic": "first"})
+        wait_for(lambda: converged(url, [project]), timeout=10)
+        write_state(project, "made", {**fixture_doc("v2-spec"), "topic": "then"})
+        wait_for(lambda: converged(url, [project]), timeout=10)
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
 
 
 def _watched_inodes(pid: int) -> set[int]:
