@@ -302,11 +302,25 @@ def is_transient(exc: BaseException) -> bool:
     code = sqlstate(exc)
     if code is not None and code.startswith(_DATABASE_WIDE):
         return True
+    if _missing_parent(exc):
+        return True
     return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
+
+
+def _missing_parent(exc: BaseException) -> bool:
+    """A foreign key violation: the project (or session) row a write refers to is not there. No
+    state.json chooses those ids, the daemon does, so it is never the session's fault: the rows
+    went away under us (a SQLite file rebuilt while a batch was on its way, a project dropped)."""
+    if sqlstate(exc) == "23503":
+        return True
+    orig = getattr(exc, "orig", None) or exc
+    return getattr(orig, "sqlite_errorname", None) == "SQLITE_CONSTRAINT_FOREIGNKEY"
 
 
 def is_row_fault(exc: BaseException) -> bool:
     """A value the database rejects in this row: only that session's fault."""
+    if _missing_parent(exc):
+        return False
     code = sqlstate(exc)
     if code is not None:
         return code.startswith(_ROW_FAULT)

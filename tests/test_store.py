@@ -17,13 +17,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, event, select
+from sqlalchemy import exc as sa_exc
 
 from sessionsync.daemon.batch import BatchResult
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
 from sessionsync.daemon.migrate import alembic_config, head_revision, upgrade
 from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
-from sessionsync.daemon.store import Store
+from sessionsync.daemon.store import Store, is_row_fault, is_transient
 from sessionsync.models.keys import SessionKey
 from sessionsync.models.migrations import HEAD
 from sessionsync.models.tables import metadata, projects, session_events, sessions
@@ -587,3 +588,22 @@ def test_a_summary_says_which_sessions_were_not_read_for_now() -> None:
     assert said in summary.line()
     assert summary.as_dict()["not_read_for_now"] == 2
     assert "not read" not in ReconcileSummary(projects=1, seen=3).line()
+
+
+def test_a_write_whose_project_row_is_gone_is_the_databases_fault_not_the_sessions(engine: Engine) -> None:
+    # As when the SQLite file is rebuilt while a batch for the old project ids is on its way.
+    now = datetime.now(UTC)
+    orphan = sessions.insert().values(project_id=999_999, slug="s", first_seen_at=now, synced_at=now)
+    with pytest.raises(sa_exc.IntegrityError) as refused, engine.begin() as conn:
+        conn.execute(orphan)
+    assert is_transient(refused.value)
+    assert not is_row_fault(refused.value)
+    # A row's own fault stays its own: a second project of the same folder and host.
+    project = projects.insert().values(
+        host="h", working_dir="/p", name="p", sessions_dir="/p/s", created_at=now
+    )
+    with engine.begin() as conn:
+        conn.execute(project)
+    with pytest.raises(sa_exc.IntegrityError) as duplicate, engine.begin() as conn:
+        conn.execute(project)
+    assert is_row_fault(duplicate.value) and not is_transient(duplicate.value)
