@@ -50,6 +50,27 @@ def holder_text(socket_path: Path) -> str:
     return f"pid {os.getpid()}, control socket {socket_path}"
 
 
+class StaleLock(Exception):
+    """The lock is held by a database session whose daemon is gone (or is this one's own, from a
+    connection it dropped): the server has not ended that session yet (a peer that vanished behind
+    a stalled network is noticed late). Waited out like an outage, never a reason to exit."""
+
+
+def _holder_pid(holder: str) -> int | None:
+    found = re.match(r"pid (\d+),", holder)
+    return int(found[1]) if found else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _refused(holder: str, where: str) -> AlreadyRunning:
     return AlreadyRunning(
         f"another sessionsync daemon ({holder}) is already running on {where}",
@@ -200,6 +221,14 @@ class PostgresLock:
             key = _key(f"sessionsync:{socket.gethostname()}:{schema}")
             if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar_one():
                 holder = self._holder_of(conn, key)
+                # The key names this host, so the holder's pid is one of this host's processes.
+                pid = _holder_pid(holder)
+                if pid == os.getpid() or (pid is not None and not _running(pid)):
+                    whose = "this daemon's own earlier connection" if pid == os.getpid() else "gone"
+                    raise StaleLock(
+                        f"the single-instance lock is still held by the database session of {holder} "
+                        f"({whose}); waiting for the server to end that session"
+                    )
                 raise _refused(holder, f"this database (schema {schema}) for host {socket.gethostname()}")
             self._announce(conn)
         except BaseException:

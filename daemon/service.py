@@ -42,7 +42,7 @@ from sessionsync.daemon.errors import (
     SessionSyncError,
 )
 from sessionsync.daemon.hub import EventHub
-from sessionsync.daemon.instance_lock import database_lock, holder_text
+from sessionsync.daemon.instance_lock import StaleLock, database_lock, holder_text
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.metrics import DatabaseFacts, Metrics
 from sessionsync.daemon.migrate import upgrade
@@ -351,7 +351,7 @@ class Service:
                 self.health.succeeded()
                 return True
             except Exception as exc:
-                if not is_transient(exc):
+                if not (is_transient(exc) or isinstance(exc, StaleLock)):
                     raise
                 self.health.failed(exc, 0)
                 self.notifier.status(f"waiting for the database: {self.health.last_error}")

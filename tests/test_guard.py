@@ -19,7 +19,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from sessionsync.daemon import dburl
+from sessionsync.daemon import dburl, instance_lock
 from tests.support.databases import libpq_url
 from tests.support.oracle import converged
 from tests.support.runner import Daemon
@@ -105,6 +105,32 @@ def test_a_daemon_whose_lock_another_took_meanwhile_stops(tmp_path: Path, pg_url
         log = daemon.log()
         assert "the other one" in log and "this daemon stops, the other one goes on" in log, log
         assert "Traceback" not in log
+
+
+def test_a_lock_left_by_a_daemon_that_is_gone_is_waited_out_not_a_reason_to_exit(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A kill -9'd daemon behind a stalled network: its database session (holding the lock) lives
+    on until the server notices. Its pid is not running here, so the new daemon waits for it."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    project = tmp_path / "proj"
+    write_state(project, "s1", fixture_doc("v2-spec"))
+    with psycopg.connect(libpq_url(pg_url), autocommit=True) as stale:
+        schema = stale.execute("SELECT current_schema()").fetchone()[0]
+        key = instance_lock._key(f"sessionsync:{socket.gethostname()}:{schema}")
+        assert stale.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (True,)
+        stale.execute(f"SELECT 'pid {gone.pid}, control socket /gone.sock' AS sessionsync_holder".encode())
+        with Daemon(tmp_path, pg_url, projects=[project]) as daemon:
+            wait_for(lambda: daemon.log_count("waiting for the server to end that session") == 1)
+            assert daemon.running
+            assert daemon.status()["state"] == "starting: waiting for the database"
+            stale.close()  # the server ends the session: the lock is free
+            daemon.wait_started()
+            wait_for(lambda: converged(pg_url, [project]))
+            assert daemon.stop() == 0
+    log = daemon.log()
+    assert "Traceback" not in log and "already running" not in log, log
 
 
 NOBODY = 65534
