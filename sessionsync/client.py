@@ -17,7 +17,6 @@ pays nothing for it). The protocol is written down in docs/protocol.md.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypedDict, cast
 
-from sessionsync.daemon.control.client import open_stream, request
+from sessionsync.daemon.control.client import decode_event, open_stream, request
 from sessionsync.daemon.control.protocol import MAX_LINE, encode_request, parse_reply
 from sessionsync.daemon.errors import (
     ControlError,
@@ -333,7 +332,7 @@ class AsyncClient:
             try:
                 cursor.started(parse_reply(await self._reply(reader, self.timeout)))
                 while (line := await self._line(reader, None)) is not None:
-                    taken = cursor.take(_event(self.socket, line))
+                    taken = cursor.take(decode_event(self.socket, line))
                     if isinstance(taken, Event):
                         yield taken
                     elif taken is not None:
@@ -382,13 +381,3 @@ class AsyncClient:
         except OSError as e:
             raise OperationalError(f"the connection to the daemon at {self.socket} broke: {e}") from e
         return line[:-1] if line.endswith(b"\n") else None
-
-
-def _event(socket: Path, line: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(line)
-    except ValueError as e:
-        raise OperationalError(f"the daemon at {socket} sent a malformed event: {e}") from e
-    if not isinstance(data, dict):
-        raise OperationalError(f"the daemon at {socket} sent an event that is not an object: {data!r}")
-    return data

@@ -63,13 +63,18 @@ def open_stream(path: Path, payload: Mapping[str, Any]) -> tuple[dict[str, Any],
 def _events(path: Path, sock: socket.socket, reader: BufferedReader) -> Iterator[dict[str, Any]]:
     with sock, reader:
         while (line := _read_line(path, reader)) is not None:
-            try:
-                event = json.loads(line)
-            except ValueError as e:
-                raise OperationalError(f"the daemon at {path} sent a malformed event: {e}") from e
-            if not isinstance(event, dict):
-                raise OperationalError(f"the daemon at {path} sent an event that is not an object: {event!r}")
-            yield event
+            yield decode_event(path, line)
+
+
+def decode_event(path: Path, line: bytes) -> dict[str, Any]:
+    """One event line from the daemon at `path` as an object; OperationalError when it is not one."""
+    try:
+        event = json.loads(line)
+    except ValueError as e:
+        raise OperationalError(f"the daemon at {path} sent a malformed event: {e}") from e
+    if not isinstance(event, dict):
+        raise OperationalError(f"the daemon at {path} sent an event that is not an object: {event!r}")
+    return event
 
 
 def _connect(path: Path, payload: Mapping[str, Any], timeout: float) -> socket.socket:
