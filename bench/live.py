@@ -689,6 +689,22 @@ class Report:
     def info(self, label: str, value: str) -> None:
         self.add(f"    {label:<34} {value:>14}")
 
+    def print(self, headline: str, started: float, start_load: str, failure: str) -> int:
+        """Print the run's headline (its title line and what it ran on, then the machine), every
+        figure, and why it stopped early if it did; the exit status."""
+        print()
+        print(headline)
+        print(
+            f"  Python {platform.python_version()}, {os.cpu_count()} CPU(s); load average at start "
+            f"{start_load}, at end {load()}; run took {time.monotonic() - started:.0f} s"
+        )
+        for line in self.lines():
+            print(line)
+        if failure:
+            print(f"\nstopped early: {failure}")
+            return 1
+        return 0
+
 
 def step_latency(
     report: Report, daemon: Daemon, engine: Engine, files: Sequence[SessionFile], args: argparse.Namespace
@@ -999,23 +1015,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(
+    headline = (
         f"sessionsync live benchmark: {args.db}{' (quick)' if args.quick else ''}, "
         f"debounce_ms={args.debounce_ms}, max_delay_ms={max(MAX_DELAY_MS, args.debounce_ms)}, "
-        "workers 2 x 256 (defaults)"
+        f"workers 2 x 256 (defaults)\n  {db.description}"
     )
-    print(f"  {db.description}")
-    print(
-        f"  Python {platform.python_version()}, {os.cpu_count()} CPU(s); load average at start {start_load}, "
-        f"at end {load()}; run took {time.monotonic() - started:.0f} s"
-    )
-    for line in report.lines():
-        print(line)
-    if failure:
-        print(f"\nstopped early: {failure}")
-        return 1
-    return 0
+    return report.print(headline, started, start_load, failure)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -242,19 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(f"sessionsync scale benchmark: {args.db}{' (quick)' if args.quick else ''}, defaults otherwise")
-    print(f"  {db.description}; session folders in {tree}")
-    print(
-        f"  Python {platform.python_version()}, {os.cpu_count()} CPU(s); load average at start {start_load}, "
-        f"at end {load()}; run took {time.monotonic() - started:.0f} s"
+    headline = (
+        f"sessionsync scale benchmark: {args.db}{' (quick)' if args.quick else ''}, defaults otherwise\n"
+        f"  {db.description}; session folders in {tree}"
     )
-    for line in report.lines():
-        print(line)
-    if failure:
-        print(f"\nstopped early: {failure}")
-        return 1
-    return 0
+    return report.print(headline, started, start_load, failure)
 
 
 if __name__ == "__main__":
