@@ -196,7 +196,7 @@ def _inspect(
         and known.state_mtime_ns == state_st.st_mtime_ns
         and known.state_size == state_st.st_size
     )
-    if same_state and known is not None and dir_mtime is not None and known.dir_mtime_ns == dir_mtime:
+    if live and known is not None and _same_stat(st, state_st, known, time.time_ns()):
         return Verdict.UNCHANGED
     spec = os.path.exists(f"{folder}/{SPEC_FILE}")
     plan = os.path.exists(f"{folder}/{PLAN_FILE}")
@@ -238,6 +238,47 @@ def _inspect(
     mapped = map_state(document)
     error = "; ".join(mapped.field_errors) or None
     return Change(key, Action.WRITE, probe, digest, mapped, document, error)
+
+
+class Stat(NamedTuple):
+    """A session's row as far as `unchanged` compares it, in the column order of
+    `Store.stats_by_project`'s query."""
+
+    project_id: int
+    slug: str
+    state_size: int | None
+    state_mtime_ns: int | None
+    dir_mtime_ns: int | None
+    deleted: bool
+
+
+def unchanged(sessions_fd: int, slug: str, row: Stat | Known, now_ns: int) -> bool:
+    """Whether session folder `slug` of the sessions folder open as `sessions_fd` is as its row
+    says by two lstat calls alone: the check that makes `inspect` return `Verdict.UNCHANGED`, for a
+    reconcile to skip the folders nothing touched without the rest of the inspection. Names are
+    resolved from the open folder (most of an lstat by full path is walking the path). Any doubt
+    (an error, a link, a type) says False: `inspect` then decides, and says why."""
+    if row.deleted:
+        return False
+    try:
+        st = os.lstat(slug, dir_fd=sessions_fd)
+        state_st = os.lstat(f"{slug}/{STATE_FILE}", dir_fd=sessions_fd)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode) and stat.S_ISREG(state_st.st_mode) and _same_stat(st, state_st, row, now_ns)
+    )
+
+
+def _same_stat(st: os.stat_result, state_st: os.stat_result, row: Stat | Known, now_ns: int) -> bool:
+    """The folder and its state.json stat as the row recorded them, the folder's mtime old enough
+    to trust (RACY_WINDOW_NS): spec.md and plan.json are then as they were, and so is the file."""
+    return (
+        state_st.st_mtime_ns == row.state_mtime_ns
+        and state_st.st_size == row.state_size
+        and st.st_mtime_ns == row.dir_mtime_ns
+        and now_ns - st.st_mtime_ns >= RACY_WINDOW_NS
+    )
 
 
 def _invalid(key: SessionKey, probe: Probe | None, reason: str, digest: str | None = None) -> Change:

@@ -90,8 +90,7 @@ class PipelinedWriter(AbstractContextManager["PipelinedWriter"]):
             cursor = self._raw.cursor()
             cursor.execute("BEGIN")
             for bulk, rows in plan.steps:
-                assert bulk.sql is not None  # compiled for PostgreSQL
-                cursor.executemany(bulk.sql, bulk.ready(rows))
+                bulk.send(cursor, rows)
             # The events' statement on a cursor of its own, which holds their ids once the
             # pipeline syncs: nothing waits for them here.
             events = None

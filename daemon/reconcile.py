@@ -22,7 +22,7 @@ from loguru import logger
 
 from sessionsync.daemon.batch import BatchResult, inspect_batch, load_known, sync_batch
 from sessionsync.daemon.discovery import ProjectPath
-from sessionsync.daemon.inspection import Known
+from sessionsync.daemon.inspection import Stat, unchanged
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.daemon.writer import Submitted, open_writer
 from sessionsync.models.keys import SessionKey
@@ -79,7 +79,7 @@ def list_slugs(sessions_dir: str) -> list[str]:
             return [
                 e.name
                 for e in entries
-                if not e.name.startswith(".") and (e.is_symlink() or e.is_dir(follow_symlinks=False))
+                if (e.is_dir(follow_symlinks=False) or e.is_symlink()) and not e.name.startswith(".")
             ]
     except (FileNotFoundError, NotADirectoryError):
         return []
@@ -183,11 +183,19 @@ def reconcile(
                 done_keys += len(batch.keys)
                 on_progress(done_keys, max(total, done_keys))
 
+    def skipped(count: int) -> None:
+        summary.totals.unchanged += count
+        if on_progress is not None and count:
+            nonlocal done_keys
+            done_keys += count
+            on_progress(done_keys, max(total, done_keys))
+
     with ExitStack() as claims, open_writer(store) as writer:
-        for chunk, preloaded in _batches(store, projects, batch_size, summary, preload=claim is None):
+        for chunk, with_rows in _batches(store, projects, batch_size, summary, skipped):
             release = claims.enter_context(ExitStack())
             release.enter_context(hold(chunk))
-            known = load_known(store, refs, chunk) if preloaded is None else preloaded
+            # Under a claim, every row is read inside it: a worker may have written one a moment before.
+            known = load_known(store, refs, chunk if claim is not None else with_rows)
             result, changes = inspect_batch(refs, chunk, max_bytes, known)
             finish(writer.submit(Submitted(chunk, changes, known, result, release)))
         finish(writer.drain())
@@ -206,34 +214,55 @@ def _count_folders(projects: Sequence[ProjectRef]) -> int:
 
 
 def _batches(
-    store: Store, projects: Sequence[ProjectRef], batch_size: int, summary: ReconcileSummary, preload: bool
-) -> Iterator[tuple[list[SessionKey], dict[SessionKey, Known] | None]]:
-    """Every folder on disk and every live row, in batches that span projects (fewer, fuller
-    transactions), listed one project at a time so that only one batch's keys are alive at once.
+    store: Store,
+    projects: Sequence[ProjectRef],
+    batch_size: int,
+    summary: ReconcileSummary,
+    skipped: Callable[[int], None],
+) -> Iterator[tuple[list[SessionKey], list[SessionKey]]]:
+    """The sessions to inspect, in batches that span projects (fewer, fuller transactions), each
+    with the keys of it that have a row; listed one project at a time, so that only one batch's
+    keys are alive at once.
 
-    With `preload`, one query per PRELOAD_GROUP projects tells both the live slugs and what each
-    row holds, and each batch comes with its rows. Without (under a claim), rows are read inside the claim: a
-    worker may have written them a moment before."""
+    One query per PRELOAD_GROUP projects reads every row's stat; a folder whose stat matches its
+    row (`inspection.unchanged`: two lstat calls) is counted through `skipped` and goes no further.
+    The rest, and every live row whose folder is not listed, are inspected."""
     chunk: list[SessionKey] = []
-    known: dict[SessionKey, Known] = {}
-    group: dict[int, dict[str, Known]] = {}
+    with_rows: list[SessionKey] = []
+    group: dict[int, dict[str, Stat]] = {}
     for n, project in enumerate(projects):
-        if preload and n % PRELOAD_GROUP == 0:
-            group = store.known_by_project([p.id for p in projects[n : n + PRELOAD_GROUP]])
+        if n % PRELOAD_GROUP == 0:
+            group = store.stats_by_project([p.id for p in projects[n : n + PRELOAD_GROUP]])
         on_disk = _listed(project, summary)
         if on_disk is None:
             continue
         summary.seen += len(on_disk)
-        rows = group[project.id] if preload else {}
-        live = {s for s, k in rows.items() if not k.deleted} if preload else store.live_slugs(project.id)
-        for slug in sorted(set(on_disk) | live):
+        rows = group[project.id]
+        todo = _not_unchanged(project.sessions_dir, on_disk, rows) if rows else on_disk
+        skipped(len(on_disk) - len(todo))
+        listed = set(on_disk)
+        todo.extend(slug for slug, row in rows.items() if not row.deleted and slug not in listed)
+        for slug in sorted(todo):
             key = SessionKey(project.path, slug)
             chunk.append(key)
-            row = rows.get(slug)
-            if row is not None:
-                known[key] = row
+            if slug in rows:
+                with_rows.append(key)
             if len(chunk) == batch_size:
-                yield chunk, known if preload else None
-                chunk, known = [], {}
+                yield chunk, with_rows
+                chunk, with_rows = [], []
     if chunk:
-        yield chunk, known if preload else None
+        yield chunk, with_rows
+
+
+def _not_unchanged(sessions_dir: str, slugs: list[str], rows: dict[str, Stat]) -> list[str]:
+    """The slugs whose folder `inspection.unchanged` does not vouch for: all of them when the
+    sessions folder cannot be opened (the inspection says why)."""
+    try:
+        fd = os.open(sessions_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return slugs
+    try:
+        now_ns = time.time_ns()
+        return [s for s in slugs if (row := rows.get(s)) is None or not unchanged(fd, s, row, now_ns)]
+    finally:
+        os.close(fd)

@@ -122,6 +122,10 @@ sessions = Table(
     UniqueConstraint("project_id", "slug"),
     Index("ix_sessions_phase", "current_phase"),
     Index("ix_sessions_status", "status"),
+    # What a reconcile compares each folder with, read from the index alone (migration 0005).
+    Index(
+        "ix_sessions_stat", "project_id", "slug", "state_size", "state_mtime_ns", "dir_mtime_ns", "deleted_at"
+    ),
 )
 
 # One meaningful change of a session: created, updated, phase_changed, ...

@@ -275,11 +275,11 @@ def test_a_stale_reconcile_is_a_fail(user: NewUser) -> None:
 def test_an_old_schema_says_run_db_upgrade(user: NewUser) -> None:
     _ready(user)
     with sqlite3.connect(user.database) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0003'")  # stamped one revision back
+        conn.execute("UPDATE alembic_version SET version_num = '0004'")  # stamped one revision back
     doctor = Doctor(user)
     assert doctor.code == 1
     assert set(doctor.failing()) - {"unit"} == {"schema"}
-    assert doctor.line("schema") == "FAIL  schema     revision 0003, 1 behind this install's head 0004"
+    assert doctor.line("schema") == "FAIL  schema     revision 0004, 1 behind this install's head 0005"
     assert doctor.checks["schema"]["hint"] == "run `sessionsync db upgrade`, then restart the daemon"
 
 
@@ -332,10 +332,10 @@ def test_postgres_reachable_old_unknown_and_unreachable(user: NewUser) -> None:
             with engine.connect() as conn:
                 cfg = alembic_config()
                 cfg.attributes["connection"] = conn
-                command.downgrade(cfg, "0003")
+                command.downgrade(cfg, "0004")
                 conn.commit()
             doctor = Doctor(user, env=env)
-            assert doctor.checks["schema"]["message"] == "revision 0003, 1 behind this install's head 0004"
+            assert doctor.checks["schema"]["message"] == "revision 0004, 1 behind this install's head 0005"
             with engine.begin() as conn:
                 conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
             doctor = Doctor(user, env=env)

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, event, select
+from sqlalchemy import JSON, Engine, delete, event, null, select
 from sqlalchemy import exc as sa_exc
 
-from sessionsync.daemon.batch import BatchResult
+from sessionsync.daemon.batch import BatchResult, load_known, sync_batch
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
 from sessionsync.daemon.migrate import alembic_config, head_revision, upgrade
@@ -28,7 +29,8 @@ from sessionsync.daemon.store import Store, is_row_fault, is_transient
 from sessionsync.models.keys import SessionKey
 from sessionsync.models.migrations import HEAD
 from sessionsync.models.tables import metadata, projects, session_events, sessions
-from tests.support.databases import libpq_url
+from tests.conftest import require_postgres
+from tests.support.databases import libpq_url, postgres_schema
 from tests.support.sessions import fixture_doc, remove_session, write_state
 from tests.support.waiting import wait_for
 
@@ -410,7 +412,7 @@ def test_a_database_at_0001_upgrades_keeping_its_rows(db_url: str, project: Path
                     invalid=False,
                 )
             )
-        assert upgrade(engine) == ("0001", "0004")
+        assert upgrade(engine) == ("0001", HEAD)
         mirrored = row(engine, "s")
         assert (mirrored["title"], mirrored["dir_mtime_ns"]) == ("mirrored before 0002", None)
         run(store, project)
@@ -607,3 +609,101 @@ def test_a_write_whose_project_row_is_gone_is_the_databases_fault_not_the_sessio
     with pytest.raises(sa_exc.IntegrityError) as duplicate, engine.begin() as conn:
         conn.execute(project)
     assert is_row_fault(duplicate.value) and not is_transient(duplicate.value)
+
+
+@contextmanager
+def _second_database(db_url: str, tmp_path: Path) -> Iterator[Engine]:
+    """An empty, migrated database of the same kind as `db_url`'s."""
+    if db_url.startswith("sqlite"):
+        engine = make_engine(f"sqlite:///{tmp_path / 'copy.db'}")
+        upgrade(engine)
+        yield engine
+        engine.dispose()
+        return
+    with postgres_schema(require_postgres()) as schema:
+        engine = make_engine(schema.url)
+        upgrade(engine)
+        yield engine
+        engine.dispose()
+
+
+def _raw_rows(engine: Engine, table: Any) -> list[Any]:
+    """The table's rows as the database holds them: SQLite's values, PostgreSQL's row text (which
+    tells SQL NULL from JSON null)."""
+    sql = f"SELECT * FROM {table.name} ORDER BY id"
+    if engine.dialect.name == "postgresql":
+        sql = f"SELECT t::text FROM {table.name} AS t ORDER BY id"
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(sql)]
+
+
+def test_rows_hold_what_sqlalchemy_itself_would_bind(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    """Batches bind their values themselves (store._Bulk on SQLite, times and JSON as text;
+    store._RecordsetUpsert on PostgreSQL, the rows as one JSON array), not through SQLAlchemy's
+    per-row processing: every column of every row must hold what SQLAlchemy would have stored for
+    the same values. Copied through SQLAlchemy into a second database, the raw rows must come out
+    identical."""
+    project = tmp_path / "p"
+    for name in ("v1-build", "v2-build", "v2-spec", "v2-complete-quick"):
+        write_state(project, name, fixture_doc(name))
+    write_state(project, "broken", b"{not json")
+    write_state(project, "nulls", {**fixture_doc("v2-build"), "commits": None, "phase_history": None})
+    store = Store(engine)
+    run(store, project)
+    remove_session(project, "v2-spec")  # a tombstone
+    write_state(project, "v1-build", {**fixture_doc("v1-build"), "current_phase": "plan"})
+    run(store, project)
+    tables = (projects, sessions, session_events)
+    with _second_database(db_url, tmp_path) as copy:
+        with engine.connect() as source, copy.begin() as target:
+            for table in tables:
+                rows = [dict(r._mapping) for r in source.execute(select(table))]
+                for r in rows:  # SQL NULL stays NULL (SQLAlchemy binds a JSON None as JSON null)
+                    for c in table.columns:
+                        if isinstance(c.type, JSON) and _is_null(source, table, c.name, r["id"]):
+                            r[c.name] = null()
+                target.execute(table.insert(), rows)
+        fast, copied = ({t.name: _raw_rows(e, t) for t in tables} for e in (engine, copy))
+    assert len(fast["sessions"]) == 6 and len(fast["session_events"]) >= 8
+    assert fast == copied
+    # A None in a JSON column is JSON null, as SQLAlchemy binds it; SQL NULL only where the batch
+    # writes no value (the invalid row's document columns).
+    with engine.connect() as conn:
+        nulls = select(sessions.c.commits.is_(None), sessions.c.phase_history.is_(None))
+        assert conn.execute(nulls.where(sessions.c.slug == "nulls")).one() == (False, False)
+        assert conn.execute(nulls.where(sessions.c.slug == "broken")).one() == (True, True)
+
+
+def _is_null(conn: Any, table: Any, column: str, row_id: int) -> bool:
+    query = select(table.c[column].is_(None)).where(table.c.id == row_id)
+    return bool(conn.execute(query).scalar_one())
+
+
+def test_an_event_whose_session_row_is_gone_is_left_out_and_the_others_keep_their_ids(
+    store: Store, engine: Engine, tmp_path: Path
+) -> None:
+    project = tmp_path / "p"
+    write_state(project, "a", fixture_doc("v2-spec"))
+    write_state(project, "b", fixture_doc("v2-build"))
+    run(store, project)
+    refs = {r.path: r for r in store.known_projects()}
+    keys = [SessionKey(str(project), "a"), SessionKey(str(project), "b")]
+    known = load_known(store, refs, keys)  # read before b's row is deleted by hand
+    with engine.begin() as conn:
+        b_id = conn.execute(select(sessions.c.id).where(sessions.c.slug == "b")).scalar_one()
+        conn.execute(delete(session_events).where(session_events.c.session_id == b_id))
+        conn.execute(delete(sessions).where(sessions.c.id == b_id))
+    write_state(project, "a", {**fixture_doc("v2-spec"), "current_phase": "plan"})
+    remove_session(project, "b")  # its tombstone's event finds no row
+    result = sync_batch(store, refs, keys, MAX, known=known)
+    with engine.connect() as conn:
+        stored = conn.execute(
+            select(session_events.c.id, session_events.c.kind)
+            .where(session_events.c.session_id != b_id)
+            .order_by(session_events.c.id.desc())
+            .limit(len(result.events))
+        ).all()
+    assert {e["slug"] for e in result.events} == {"a"}
+    assert sorted((e["id"], e["kind"]) for e in result.events) == sorted(
+        (i, f"session.{k}") for i, k in stored
+    )
