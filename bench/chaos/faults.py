@@ -209,7 +209,9 @@ class Faults:
         daemon = self.daemon
         down = self.proc_fault is not None and self.proc_fault.kind in ("kill9", "sigterm")
         if not down and not daemon.running:
-            self._error(f"the daemon exited by itself with {daemon.proc and daemon.proc.returncode}")
+            code = daemon.proc and daemon.proc.returncode
+            last = "\n    ".join(daemon.log_tail(5).splitlines())  # what it said before it went
+            self._error(f"the daemon exited by itself with {code}:\n    {last}")
             daemon.start()
 
     # -- the parts --------------------------------------------------------------------------------
