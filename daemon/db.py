@@ -12,6 +12,7 @@ from loguru import logger
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+from sessionsync.daemon import checkpoint
 from sessionsync.daemon.dburl import check_url, mask_url
 from sessionsync.daemon.errors import ConfigError
 from sessionsync.models.jsontext import dumps
@@ -133,6 +134,9 @@ def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
                 raise
             time.sleep(0.01)
     cur.execute("PRAGMA synchronous=NORMAL")
+    # Checkpoints run on a thread of their own, not inside a commit (daemon/checkpoint.py).
+    cur.execute("PRAGMA wal_autocheckpoint=0")
+    cur.execute(f"PRAGMA journal_size_limit={checkpoint.WAL_BYTES}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
 

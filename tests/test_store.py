@@ -21,6 +21,7 @@ from sqlalchemy import JSON, Engine, delete, event, null, select
 from sqlalchemy import exc as sa_exc
 
 from sessionsync.daemon.batch import BatchResult, load_known, sync_batch
+from sessionsync.daemon.checkpoint import INLINE_BYTES, wal_bytes
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
 from sessionsync.daemon.migrate import alembic_config, head_revision, upgrade
@@ -707,3 +708,32 @@ def test_an_event_whose_session_row_is_gone_is_left_out_and_the_others_keep_thei
     assert sorted((e["id"], e["kind"]) for e in result.events) == sorted(
         (i, f"session.{k}") for i, k in stored
     )
+
+
+def test_sqlite_checkpoints_run_beside_the_writer_and_keep_the_wal_bounded(tmp_path: Path) -> None:
+    """No commit checkpoints (wal_autocheckpoint=0): the checkpointer thread copies the WAL into
+    the database file while the connections stay open, and the WAL never grows past the point
+    where the writer would checkpoint itself."""
+    database = tmp_path / "sessions.db"
+    engine = make_engine(f"sqlite:///{database}")
+    try:
+        upgrade(engine)
+        project = tmp_path / "p"
+        doc = {**fixture_doc("v2-build"), "key_decisions": ["x" * 2000]}
+        for n in range(2500):
+            write_state(project, f"s{n:04d}", {**doc, "session_id": f"s{n:04d}"})
+        store = Store(engine)
+        biggest = 0
+
+        def watch(_result: BatchResult) -> None:
+            nonlocal biggest
+            biggest = max(biggest, wal_bytes(str(database)))
+
+        refs = register(store, [project_at(str(project), "agents/sessions")])
+        summary = reconcile(store, list(refs.values()), MAX, batch_size=100, on_batch=watch)
+        assert summary.totals.written == 2500
+        # ~12 MB written: the database file holds it while every connection is still open.
+        wait_for(lambda: database.stat().st_size > 8_000_000, timeout=10)
+        assert biggest <= INLINE_BYTES + 2_000_000
+    finally:
+        engine.dispose()
