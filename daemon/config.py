@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
@@ -268,6 +267,8 @@ def load_config(
     path = find_config_file(explicit, env, system_file)
     data: dict[str, Any] = {}
     if path is not None:
+        import tomllib  # only with a file: a user without one never pays for the parser
+
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
