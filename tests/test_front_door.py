@@ -500,7 +500,7 @@ def test_status_imports_no_database_or_scheduler_library(
 def test_a_reconcile_with_nothing_to_do_imports_only_what_it_uses(user: NewUser) -> None:
     """The one-shot CLI's start-up is its imports: a reconcile that finds the schema at the head
     and nothing changed (SQLite, the default) needs no Alembic, psycopg, ORM, scheduler, watcher,
-    progress bar or metrics."""
+    progress bar, metrics, TOML parser or state.json models."""
     write_state(user.project(), "first", fixture_doc("v2-spec"))
     assert user.run("reconcile").returncode == 0  # creates the database and mirrors the session
     out = user.run("reconcile", env={"PYTHONPROFILEIMPORTTIME": "1"})
@@ -512,6 +512,7 @@ def test_a_reconcile_with_nothing_to_do_imports_only_what_it_uses(user: NewUser)
     unused = {"alembic", "psycopg", "apscheduler", "watchdog", "tqdm", "prometheus_client", "tomllib"}
     heavy = sorted(m for m in imported if m.split(".")[0] in unused or m.startswith("sqlalchemy.orm"))
     assert heavy == []
+    assert "sessionsync.models.state_documents" not in imported  # no document to map
 
 
 def test_a_one_shot_reconcile_never_collects_garbage_during_its_start_up(user: NewUser) -> None:
