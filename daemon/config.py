@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sessionsync.daemon import crontab
 from sessionsync.daemon.dburl import check_url, mask_url
 from sessionsync.daemon.errors import ConfigError
 from sessionsync.daemon.paths import default_socket_path
@@ -91,6 +90,8 @@ class ScheduleConfig(_Section):
     @field_validator("reconcile_cron")
     @classmethod
     def _cron(cls, expr: str) -> str:
+        from sessionsync.daemon import crontab  # only for a configured expression: the default is valid
+
         try:
             crontab.check(expr)  # weekdays 0-7 counted from Sunday, as the daemon runs them
         except ValueError as exc:
