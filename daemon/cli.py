@@ -493,7 +493,7 @@ def _client_config(explicit: str | None, error: ConfigError) -> Config:
 def main(argv: Sequence[str] | None = None) -> None:
     # Start-up allocates what lives as long as the process (modules, classes, validators, the
     # engine), and the collector's passes over it find nothing to free: about 140 of them, two
-    # full, a quarter of a one-shot reconcile with nothing to do. Off until the command is set up
+    # full, a fifth of a one-shot reconcile with nothing to do. Off until the command is set up
     # (_set_up, or the daemon's and `watch`'s own start); a short command never needs it.
     gc.disable()
     sys.exit(run(argv))
