@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sessionsync.daemon import crontab
 from sessionsync.daemon.dburl import check_url, mask_url
 from sessionsync.daemon.errors import ConfigError
 from sessionsync.daemon.paths import default_socket_path
@@ -92,6 +90,8 @@ class ScheduleConfig(_Section):
     @field_validator("reconcile_cron")
     @classmethod
     def _cron(cls, expr: str) -> str:
+        from sessionsync.daemon import crontab  # only for a configured expression: the default is valid
+
         try:
             crontab.check(expr)  # weekdays 0-7 counted from Sunday, as the daemon runs them
         except ValueError as exc:
@@ -268,6 +268,8 @@ def load_config(
     path = find_config_file(explicit, env, system_file)
     data: dict[str, Any] = {}
     if path is not None:
+        import tomllib  # only with a file: a user without one never pays for the parser
+
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:

@@ -500,7 +500,7 @@ def test_status_imports_no_database_or_scheduler_library(
 def test_a_reconcile_with_nothing_to_do_imports_only_what_it_uses(user: NewUser) -> None:
     """The one-shot CLI's start-up is its imports: a reconcile that finds the schema at the head
     and nothing changed (SQLite, the default) needs no Alembic, psycopg, ORM, scheduler, watcher,
-    progress bar or metrics."""
+    progress bar, metrics, TOML parser or state.json models."""
     write_state(user.project(), "first", fixture_doc("v2-spec"))
     assert user.run("reconcile").returncode == 0  # creates the database and mirrors the session
     out = user.run("reconcile", env={"PYTHONPROFILEIMPORTTIME": "1"})
@@ -508,9 +508,56 @@ def test_a_reconcile_with_nothing_to_do_imports_only_what_it_uses(user: NewUser)
     assert ", 0 written, 1 unchanged," in out.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
     assert "sessionsync.daemon.reconcile" in imported  # the whole command ran
-    unused = {"alembic", "psycopg", "apscheduler", "watchdog", "tqdm", "prometheus_client"}
+    # tomllib: there is no config file to read.
+    unused = {"alembic", "psycopg", "apscheduler", "watchdog", "tqdm", "prometheus_client", "tomllib"}
     heavy = sorted(m for m in imported if m.split(".")[0] in unused or m.startswith("sqlalchemy.orm"))
     assert heavy == []
+    # No document to map, and the default schedule needs no checking.
+    assert imported.isdisjoint({"sessionsync.models.state_documents", "sessionsync.daemon.crontab"})
+
+
+def test_a_one_shot_reconcile_never_collects_garbage_during_its_start_up(user: NewUser) -> None:
+    """Start-up allocates only what the process keeps: the collector stays off until the command is
+    set up, which freezes it all, and then runs for the rest of the work."""
+    write_state(user.project(), "first", fixture_doc("v2-spec"))
+    report = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('gc', gc.isenabled(), gc.get_freeze_count(),"
+        " gc.get_stats()[2]['collections'], file=sys.stderr))\n"
+        "from sessionsync.daemon.cli import main\n"
+        "main(['reconcile'])\n"
+    )
+    python = SESSIONSYNC.parent / "python"
+    for _ in range(2):  # the first creates the database and mirrors the session, the second has nothing to do
+        out = subprocess.run(
+            [str(python), "-c", report],
+            env=user.env,
+            cwd=user.home,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        (line,) = [line for line in out.stderr.splitlines() if line.startswith("gc ")]
+        _, enabled, frozen, full_collections = line.split()
+        assert enabled == "True"  # on again for the work
+        assert int(frozen) > 10_000  # the modules, classes and validators of the start-up
+        assert full_collections == "0"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["reconcile", "--help"]])
+def test_help_and_version_import_neither_the_config_model_nor_a_database_library(
+    user: NewUser, args: list[str]
+) -> None:
+    out = user.run(*args, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("sessionsync " if args == ["--version"] else "usage: sessionsync")
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "sessionsync.daemon.cli" in imported
+    heavy = {"pydantic", "pydantic_core", "sqlalchemy", "loguru", "alembic", "psycopg"}
+    assert sorted(m for m in imported if m.split(".")[0] in heavy) == []
+    # The installed version is looked up (in the packages' metadata) only when it is asked for.
+    assert ("importlib.metadata" in imported) == (args == ["--version"])
 
 
 def test_a_one_shot_reconcile_logs_like_the_daemon(user: NewUser) -> None:
