@@ -41,8 +41,15 @@ from sqlalchemy.orm import Session as OrmSession
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from bench import floor_loop
 from bench.naive import naive_upsert
 from bench.orm import Project
+from bench.table import Row, ratio, render
+from sessionsync.daemon.db import make_engine
+from sessionsync.daemon.discovery import ProjectPath
+from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.reconcile import register
+from sessionsync.daemon.store import Store
 from sessionsync.models.tables import metadata, projects, session_events, sessions
 from tests.support.databases import SqliteFiles, empty_postgres_database, server_version
 from tests.support.notify import FakeSystemd
@@ -672,6 +679,7 @@ class Report:
 
     sections: dict[int, list[str]] = field(default_factory=dict)
     current: int = 0
+    rows: list[Row] = field(default_factory=list)  # the figures of issue #13's table, for bench.speed
 
     def section(self, step: int) -> None:
         self.current = step
@@ -700,25 +708,99 @@ class Report:
         )
         for line in self.lines():
             print(line)
+        if self.rows:
+            print()
+            for line in render(self.rows):
+                print(line)
         if failure:
             print(f"\nstopped early: {failure}")
             return 1
         return 0
 
 
+def latency_lines(report: Report, label: str, result: Latency, writes: int) -> tuple[float, float] | None:
+    """One side's latency figures; its (p50, p99) in ms, None when no write was measured."""
+    ms = [s * 1000 for s in result.seconds]
+    report.add(f"   {label} ({result.elapsed:.0f} s, load {load()}):")
+    if not ms:
+        report.add("    no write reached the database: FAIL")
+        return None
+    p50, p99 = pct(ms, 50), pct(ms, 99)
+    report.target("p50", f"{p50:.1f} ms", f"<= {LATENCY_P50_MS} ms", p50 <= LATENCY_P50_MS)
+    report.info("p95", f"{pct(ms, 95):.1f} ms")
+    report.target("p99", f"{p99:.1f} ms", f"<= {LATENCY_P99_MS} ms", p99 <= LATENCY_P99_MS)
+    report.info("max / min / mean", f"{max(ms):.1f} / {min(ms):.1f} / {statistics.fmean(ms):.1f} ms")
+    report.target("writes measured", f"{len(ms):,}/{writes:,}", "all", len(ms) == writes)
+    report.info("timed out (> 10 s) / wrong content", f"{result.timeouts} / {result.mismatches}")
+    return p50, p99
+
+
+def floor_database(db: Database, files: Sequence[SessionFile]) -> tuple[str, list[tuple[str, str, int]]]:
+    """The floor loop's fresh database, migrated, its projects registered (its rows it writes
+    itself); with (project, session folder, project id) for each session."""
+    url = db.fresh("floor")
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        found = [ProjectPath(p, os.path.join(p, SESSIONS_SUBDIR)) for p in project_paths(files)]
+        refs = register(Store(engine, host="bench"), found)
+    finally:
+        engine.dispose()
+    return url, [(f.project, os.path.dirname(f.path), refs[f.project].id) for f in files]
+
+
+def measure_floor(
+    workdir: Path, db: Database, files: Sequence[SessionFile], args: argparse.Namespace, quiet_s: float
+) -> Latency:
+    """The same isolated saves, mirrored by the minimal loop (bench/floor_loop.py) in its own process."""
+    url, sessions = floor_database(db, files)
+    socket_path = str(workdir / "floor.sock")
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    process = ctx.Process(
+        target=floor_loop.serve, args=(url, sessions, socket_path, ready, stop), name="floor"
+    )
+    process.start()
+    engine = reader(url)
+    try:
+        if not ready.wait(60):
+            raise SystemExit("the latency floor loop did not start")
+        stream = EventStream(Path(socket_path))
+        try:
+            return measure_latency(stream, engine, files, args.plan.latency_writes, args.inflight, quiet_s)
+        finally:
+            stream.close()
+    finally:
+        stop.set()
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        engine.dispose()
+
+
 def step_latency(
-    report: Report, daemon: Daemon, engine: Engine, files: Sequence[SessionFile], args: argparse.Namespace
+    report: Report,
+    daemon: Daemon,
+    engine: Engine,
+    files: Sequence[SessionFile],
+    floor_files: Sequence[SessionFile],
+    workdir: Path,
+    db: Database,
+    args: argparse.Namespace,
 ) -> None:
     plan: Plan = args.plan
     progress(
         f"1. latency: {plan.latency_writes} writes over {len(files)} sessions, {args.inflight} in flight"
     )
+    quiet_s = args.debounce_ms / 1000 + LATENCY_QUIET_MARGIN_S
     stream = EventStream(daemon.socket_path)
     try:
-        quiet_s = args.debounce_ms / 1000 + LATENCY_QUIET_MARGIN_S
         result = measure_latency(stream, engine, files, plan.latency_writes, args.inflight, quiet_s)
     finally:
         stream.close()
+    progress("1. latency: the same saves, mirrored by the minimal inotify -> upsert loop")
+    floor = measure_floor(workdir, db, floor_files, args, quiet_s)
     report.section(1)
     report.add(
         f"1. write -> row latency: {plan.latency_writes:,} atomic writes (temp + os.replace) over "
@@ -731,24 +813,29 @@ def step_latency(
         f"   its session has been quiet for debounce_ms + {LATENCY_QUIET_MARGIN_S * 1000:.0f} ms before it"
         " (the leading edge); timed by the control"
     )
-    report.add(f"   event stream, each row checked by one SELECT ({result.elapsed:.0f} s, load {load()})")
-    ms = [s * 1000 for s in result.seconds]
-    if not ms:
-        report.add("    no write reached the database: FAIL")
-        return
-    p50, p99 = pct(ms, 50), pct(ms, 99)
-    report.target("p50", f"{p50:.1f} ms", f"<= {LATENCY_P50_MS} ms", p50 <= LATENCY_P50_MS)
-    report.info("p95", f"{pct(ms, 95):.1f} ms")
-    report.target("p99", f"{p99:.1f} ms", f"<= {LATENCY_P99_MS} ms", p99 <= LATENCY_P99_MS)
-    report.info("max", f"{max(ms):.1f} ms")
-    report.info("min", f"{min(ms):.1f} ms")
-    report.info("mean", f"{statistics.fmean(ms):.1f} ms")
-    report.target(
-        "writes measured", f"{len(ms):,}/{plan.latency_writes:,}", "all", len(ms) == plan.latency_writes
-    )
-    report.info("timed out (> 10 s) / wrong content", f"{result.timeouts} / {result.mismatches}")
+    report.add("   event stream, each row checked by one SELECT")
+    ours = latency_lines(report, "sessionsync", result, plan.latency_writes)
     if stream.lagged:
         report.add("    the daemon dropped the event stream (lagged): the writes after that timed out")
+    least = latency_lines(
+        report,
+        "floor: minimal inotify -> read -> orjson -> one upsert + commit loop, same saves",
+        floor,
+        plan.latency_writes,
+    )
+    if ours is None or least is None:
+        return
+    for n, (name, target) in enumerate((("p50", LATENCY_P50_MS), ("p99", LATENCY_P99_MS))):
+        report.rows.append(
+            Row(
+                f"isolated save -> row, {name} ({args.db})",
+                f"{ours[n]:.1f} ms",
+                f"minimal loop {least[n]:.1f} ms",
+                ratio(ours[n], least[n]),
+                f"<= {target} ms",
+                ours[n] <= target,
+            )
+        )
 
 
 def step_burst(
@@ -989,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         progress(f"building session folders under {workdir}")
         latency_files = build_sessions(workdir / "tree", "lat", args.plan.latency_sessions, 5)
+        floor_files = build_sessions(workdir / "tree", "floor", args.plan.latency_sessions, 5)
         burst_files = build_sessions(workdir / "tree", "burst", args.plan.burst_sessions, 10)
         naive_files = build_sessions(workdir / "tree", "naive", args.plan.burst_sessions, 10)
         alone_files = build_sessions(workdir / "tree", "alone", args.plan.burst_sessions, 10)
@@ -997,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             watched = project_paths(latency_files) + project_paths(burst_files)
             with running_daemon(workdir, "live", url, watched, args.debounce_ms) as (daemon, _):
-                step_latency(report, daemon, engine, latency_files, args)
+                step_latency(report, daemon, engine, latency_files, floor_files, workdir, db, args)
                 # The writer's own speed on this machine, now: folders nobody watches.
                 progress("2. burst: the writes alone, on folders nobody watches")
                 alone = run_burst(burst_plan(alone_files, args.plan.burst_writes))
