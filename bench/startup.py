@@ -205,7 +205,8 @@ def ready_rows(figures: ReadyFigures) -> list[Row]:
     shown = figures.samples
     if shown:
         at, seen, total = shown[len(shown) // 2]
-        anchor = f"status at {at:.1f} s: {seen:,}/{total:,}; mirrored at {figures.mirrored_after:.1f} s"
+        how_far = f"{seen:,}/{total:,}" if total else "listing folders"
+        anchor = f"status at {at:.1f} s: {how_far}; mirrored at {figures.mirrored_after:.1f} s"
     else:
         anchor = f"no status showed progress; mirrored at {figures.mirrored_after:.1f} s"
     return [
