@@ -468,7 +468,8 @@ class Figures:
 
 def measure(backend: Backend, tree: Tree, repeat: int, naive_max: int) -> Figures:
     """Each product figure paired with its floor, back to back, their order swapped every other
-    run, so that load from elsewhere moves both sides of a ratio alike."""
+    run, so that load from elsewhere moves both sides of a ratio alike; the naive loop in the same
+    rounds."""
     n = len(tree.state_files)
     figures = Figures(backend.name, n, len(tree.projects))
     tag = f"{backend.name} {n:,}"
@@ -497,6 +498,15 @@ def measure(backend: Backend, tree: Tree, repeat: int, naive_max: int) -> Figure
         assert written == n, f"raw write wrote {written} rows, not {n}"
         figures.cold_floor.append(seconds)
 
+    def naive_run() -> None:
+        engine, project_ids = naive_database(backend, tree)
+        try:
+            seconds, written = timed(naive, engine, tree, project_ids)
+        finally:
+            engine.dispose()
+        assert written == n
+        figures.naive.append(seconds)
+
     for run in range(repeat):
         last = run == repeat - 1
         if run % 2 == 0:
@@ -505,20 +515,15 @@ def measure(backend: Backend, tree: Tree, repeat: int, naive_max: int) -> Figure
         else:
             floor()
             cold(last)
+        # The naive loop takes a minute or more at 10,000: run in the same rounds as cold, so that
+        # the load of the moment weighs on both sides of naive / cold.
+        if n <= naive_max:
+            naive_run()
         progress(
-            f"{tag}: cold {run + 1}/{repeat}: {figures.cold[-1] * 1000:.0f} ms, "
+            f"{tag}: round {run + 1}/{repeat}: cold {figures.cold[-1] * 1000:.0f} ms, "
             f"read + parse + raw write {figures.cold_floor[-1] * 1000:.0f} ms"
+            + (f", naive ORM {figures.naive[-1] * 1000:.0f} ms" if n <= naive_max else "")
         )
-    if n <= naive_max:
-        for run in range(repeat):
-            engine, project_ids = naive_database(backend, tree)
-            try:
-                seconds, written = timed(naive, engine, tree, project_ids)
-            finally:
-                engine.dispose()
-            assert written == n
-            figures.naive.append(seconds)
-            progress(f"{tag}: naive ORM {run + 1}/{repeat}: {seconds * 1000:.0f} ms")
     figures.description = backend.describe()
     return figures
 
