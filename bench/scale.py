@@ -33,6 +33,7 @@ from bench.live import (
     progress,
     running_daemon,
 )
+from bench.table import Row
 from tests.support.runner import Daemon
 
 SESSIONS_SUBDIR = os.path.join("agents", "sessions")
@@ -138,6 +139,15 @@ def step_threads(report: Report, workdir: Path, db: Database, tree: Path, empty_
         report.target(
             f"threads at {n:,} projects", f"{threads}", f"{empty_threads}", threads == empty_threads
         )
+        report.rows.append(
+            Row(
+                f"threads, {n:,} projects ({db.kind})",
+                f"{threads}",
+                f"no project: {empty_threads}",
+                target="fixed (= no project)",
+                ok=threads == empty_threads,
+            )
+        )
         report.target(f"inotify watches at {n:,} projects", f"{watches:,}", f"{4 * n:,}", watches == 4 * n)
 
 
@@ -182,6 +192,27 @@ def step_scale(
             "per session above the empty daemon", f"{(rss - imports_rss) * 1024 / scale.sessions:.2f} KiB"
         )
         warm_rss = rss
+        size = f"{scale.sessions // 1000}k"
+        kind = label.split(" (")[0]
+        report.rows.append(
+            Row(
+                f"resident memory, {size} sessions watched, {kind} ({db.kind})",
+                f"{rss:.1f} MiB",
+                f"no project: {imports_rss:.1f} MiB",
+                f"{(rss - imports_rss) * 1024 / scale.sessions:.2f} KiB/session",
+                "" if target is None else f"<= {target:.0f} MiB",
+                None if target is None else rss <= target,
+            )
+        )
+        report.rows.append(
+            Row(
+                f"inotify watches, {size} sessions, deep research/ trees, {kind} ({db.kind})",
+                f"{watches:,}",
+                f"projects x 2 + sessions = {expected:,}",
+                target=f"{expected:,}",
+                ok=watches == expected,
+            )
+        )
     return warm_rss
 
 
@@ -207,21 +238,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, scales: Sequence[Scale]) -> tuple[Report, str, str]:
+    """Every step at these sizes; the report, the headline, and why it stopped early if it did."""
     workdir = Path(tempfile.mkdtemp(prefix="sessionsync-scale-")).resolve()
     tree = args.tree.resolve() if args.tree else workdir / "tree"
     tree.mkdir(parents=True, exist_ok=True)
     db = Database(args.db, args.pg_url, workdir)
     report = Report()
-    started, start_load, failure = time.monotonic(), load(), ""
+    failure = ""
     warm: dict[int, float] = {}
     try:
         imports_rss, empty_threads = step_imports(report, workdir, db)
         step_threads(report, workdir, db, tree, empty_threads)
         report.section(3)
         report.add("3. watches, threads and memory as sessions grow")
-        for scale in QUICK if args.quick else FULL:
+        for scale in scales:
             rss = step_scale(report, workdir, db, tree, scale, imports_rss)
             if rss is not None:
                 warm[scale.sessions] = rss
@@ -245,6 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"sessionsync scale benchmark: {args.db}{' (quick)' if args.quick else ''}, defaults otherwise\n"
         f"  {db.description}; session folders in {tree}"
     )
+    return report, headline, failure
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started, start_load = time.monotonic(), load()
+    report, headline, failure = run(args, QUICK if args.quick else FULL)
     return report.print(headline, started, start_load, failure)
 
 
