@@ -24,6 +24,7 @@ from typing import Any
 
 from loguru import logger
 
+from sessionsync.daemon import malloc
 from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
@@ -513,6 +514,8 @@ class Service:
             purged = self.store.purge_tombstones(timedelta(days=days))
             if purged:
                 logger.info("purged {} tombstone(s) older than {} day(s)", purged, days)
+            # A full pass leaves freed pages inside the heap that glibc keeps for later.
+            malloc.trim()
         self._publish(events)
         self._count_sessions()
         return summary
