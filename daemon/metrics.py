@@ -1,32 +1,33 @@
 """Prometheus metrics: the daemon's counters read at scrape time, in the text exposition format.
 
-`Metrics` owns a private CollectorRegistry (never prometheus_client's global one, so two
-services in one process, as in tests, do not share numbers). Most values already exist for
-`status`; `_ServiceCollector` reads them when scraped instead of counting twice. What status
-does not have is kept here: session outcomes per write path (`Tally`) and the histogram of
-write -> row latency, observed when a batch commits. The exposition is served three ways: the
-`metrics` control command, an optional HTTP listener and an optional node_exporter textfile.
+Most values already exist for `status`; the collector (metrics_text.py, with prometheus_client,
+both imported only once metrics are asked for) reads them when scraped instead of counting
+twice. What status does not have is kept here: session outcomes per write path (`Tally`) and
+the histogram of write -> row latency (`Latency`), observed when a batch commits. The
+exposition is served three ways: the `metrics` control command, an optional HTTP listener and
+an optional node_exporter textfile.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from sessionsync.daemon.batch import BatchResult
 from sessionsync.daemon.config import MetricsConfig, split_listen
 from sessionsync.daemon.inspection import Action, Change
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 PREFIX = "sessionsync_"
 # Write -> row latency: the leading edge answers in milliseconds, the trailing edge after
@@ -34,6 +35,7 @@ PREFIX = "sessionsync_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 SOURCES = ("live", "reconcile", "sync")  # the write paths: workers, reconcile passes, `sync`
 LIVE_SESSIONS = f"{PREFIX}live_sessions"
+LATENCY = "write_to_row_seconds"
 
 
 @dataclass
@@ -84,144 +86,37 @@ class Tally:
             return {s: _Outcomes(**vars(o)) for s, o in self.by_source.items()}
 
 
-def _counter(
-    name: str, doc: str, value: float | None = None, labels: Sequence[str] = ()
-) -> CounterMetricFamily:
-    return CounterMetricFamily(PREFIX + name, doc, value=value, labels=labels or None)
+class Latency:
+    """The write -> row latency histogram's counts: one per bucket of LATENCY_BUCKETS and one
+    above them, and the sum."""
 
+    DOC = "From a state.json's mtime to the commit of its row (live writes and `sync`, not reconciles)."
 
-def _gauge(name: str, doc: str, value: float | None = None, labels: Sequence[str] = ()) -> GaugeMetricFamily:
-    return GaugeMetricFamily(PREFIX + name, doc, value=value, labels=labels or None)
+    def __init__(self) -> None:
+        self._counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._sum = 0.0
+        self._lock = threading.Lock()
 
+    def observe(self, seconds: float) -> None:
+        i = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # a bucket holds what is <= its bound
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += seconds
 
-class _ServiceCollector(Collector):
-    """Every value but the histogram, read from the service when scraped."""
-
-    def __init__(self, source: MetricsSource, tally: Tally) -> None:
-        self._source = source
-        self._tally = tally
-
-    def collect(self) -> Iterator[Metric]:
-        status = self._source.status()
-        c: Mapping[str, int] = status["counters"]
-        extras = self._source.metric_extras()
-        outcomes = self._tally.snapshot()
-
-        yield _counter("fs_events", "Filesystem events received from inotify, kept or not.", c["events"])
-        yield _counter(
-            "keys_debounced",
-            "Session keys handed on by the debouncer to the work queue.",
-            extras["keys_debounced"],
-        )
-        yield _counter("debounce_floods", "Times the debouncer entered flood mode.", c["floods"])
-        batches = _counter("batches", "Batches committed, by write path.", labels=["source"])
-        rows = _counter(
-            "rows_written", "Session rows written or tombstoned, by write path.", labels=["source"]
-        )
-        unchanged = _counter(
-            "sessions_unchanged",
-            "Sessions looked at and skipped as unchanged, by write path.",
-            labels=["source"],
-        )
-        invalid = _counter(
-            "sessions_invalid",
-            "Sessions written as invalid (state.json unreadable), by write path.",
-            labels=["source"],
-        )
-        for src, o in outcomes.items():
-            # The workers' own counters are status's; the other paths have only the tally.
-            batches.add_metric([src], c["batches"] if src == "live" else o.batches)
-            rows.add_metric([src], c["rows_written"] if src == "live" else o.rows)
-            unchanged.add_metric([src], o.unchanged)
-            invalid.add_metric([src], o.invalid)
-        yield from (batches, rows, unchanged, invalid)
-        yield _counter("batch_failures", "Worker batches that failed and were retried.", c["batch_failures"])
-        yield _gauge("database_up", "1 while the database is reachable.", int(status["database_ok"]))
-        yield _counter("database_outages", "Database outages since start.", c["database_outages"])
-        yield _counter(
-            "database_outage_seconds",
-            "Seconds the database was unreachable since start, the current outage included.",
-            extras["database_outage_seconds"],
-        )
-        yield _counter(
-            "inotify_overflows", "inotify queue overflows (events lost, projects resynced).", c["overflows"]
-        )
-        yield _counter(
-            "inotify_fallbacks",
-            "Projects entering fallback (periodic scans, no inotify watch).",
-            c["fallbacks"],
-        )
-        yield _counter(
-            "inotify_observer_restarts", "Restarts of the inotify observer.", c["observer_restarts"]
-        )
-        watch = _gauge(
-            "projects", "Mirrored projects by watch state (live, fallback, missing).", labels=["watch"]
-        )
-        states = [w["state"] for w in status["watch"]]
-        for state in ("live", "fallback", "missing"):
-            watch.add_metric([state], states.count(state))
-        yield watch
-        yield _gauge(
-            "queue_depth", "Sessions waiting to be synced (queued or debouncing).", status["pending"]
-        )
-        yield _gauge("in_flight", "Sessions being synced right now.", status["in_flight"])
-        yield _gauge("paused", "1 while writes are held by `sessionsync pause`.", int(status["paused"]))
-        passes = _counter(
-            "reconciles", "Finished reconcile passes: full, or of some projects.", labels=["scope"]
-        )
-        passes.add_metric(["full"], c["reconciles"])
-        passes.add_metric(["projects"], c["resyncs"])
-        yield passes
-        yield _counter(
-            "reconcile_failures", "Reconcile passes that failed and were retried.", c["reconcile_failures"]
-        )
-        yield _counter("events_published", "Change events handed to subscribers.", c["events_published"])
-        yield _gauge("subscribers", "Connected event-stream subscribers.", c["subscribers"])
-        yield _gauge("uptime_seconds", "Seconds since the daemon started.", status["uptime_s"])
-        facts = self._source.database_facts()
-        if facts is not None:
-            live = _gauge(
-                "live_sessions",
-                "Live (not tombstoned) sessions in the database, per project.",
-                labels=["project"],
-            )
-            for project, count in sorted(facts.live_by_project.items()):
-                live.add_metric([project], count)
-            yield live
-            yield _gauge(
-                "database_size_bytes",
-                "Size of the database (SQLite file pages, or PostgreSQL's).",
-                facts.size_bytes,
-            )
-
-
-class _Trimmed(Collector):
-    """The registry with the per-project series cut to the `keep` largest projects."""
-
-    def __init__(self, registry: CollectorRegistry, keep: int) -> None:
-        self._registry = registry
-        self._keep = keep
-
-    def collect(self) -> Iterable[Metric]:
-        for metric in self._registry.collect():
-            if metric.name == LIVE_SESSIONS:
-                metric.samples = sorted(metric.samples, key=lambda s: -s.value)[: self._keep]
-            yield metric
+    def snapshot(self) -> tuple[list[int], float]:
+        with self._lock:
+            return list(self._counts), self._sum
 
 
 class Metrics:
-    """The registry, the histogram observed at commit, and the HTTP and textfile outlets."""
+    """The counts kept here, the registry (made on first use), and the HTTP and textfile outlets."""
 
     def __init__(self, source: MetricsSource) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        self._source = source
         self.tally = Tally()
-        self.latency = Histogram(
-            PREFIX + "write_to_row_seconds",
-            "From a state.json's mtime to the commit of its row (live writes and `sync`, not reconciles).",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.registry.register(_ServiceCollector(source, self.tally))
+        self.latency = Latency()
+        self._registry: CollectorRegistry | None = None
+        self._registry_lock = threading.Lock()
         self._http: Any = None
         self._textfile: _TextfileWriter | None = None
 
@@ -233,8 +128,20 @@ class Metrics:
             if change.action is Action.WRITE and probe is not None and probe.read_mtime_ns:
                 self.latency.observe(max(0, now_ns - probe.read_mtime_ns) / 1e9)
 
-    def exposition(self) -> str:
-        return generate_latest(self.registry).decode("utf-8")
+    @property
+    def registry(self) -> CollectorRegistry:
+        with self._registry_lock:
+            if self._registry is None:
+                from sessionsync.daemon.metrics_text import registry
+
+                self._registry = registry(self._source, self.tally, self.latency)
+            return self._registry
+
+    def exposition(self, keep: int | None = None) -> str:
+        """The text exposition; with `keep`, only the `keep` largest projects' series."""
+        from sessionsync.daemon.metrics_text import render
+
+        return render(self.registry, keep)
 
     def for_control(self, max_line: int) -> dict[str, Any]:
         """The `metrics` reply: the exposition, with the per-project series trimmed (and said so)
@@ -243,7 +150,7 @@ class Metrics:
         keep = projects = text.count(LIVE_SESSIONS + "{")
         while _reply_bytes(text) > max_line and keep > 0:
             keep //= 2
-            text = generate_latest(_Trimmed(self.registry, keep)).decode("utf-8")
+            text = self.exposition(keep)
         reply: dict[str, Any] = {"text": text}
         if keep < projects:
             reply["projects_left_out"] = projects - keep

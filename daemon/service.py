@@ -24,6 +24,7 @@ from typing import Any
 
 from loguru import logger
 
+from sessionsync.daemon import malloc
 from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
@@ -45,7 +46,8 @@ from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.instance_lock import StaleLock, database_lock, holder_text
 from sessionsync.daemon.logs import mask_secrets, set_level, setup_logging
 from sessionsync.daemon.metrics import DatabaseFacts, Metrics
-from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.migrate import current_revision, upgrade
+from sessionsync.daemon.migrate_child import upgrade_in_child
 from sessionsync.daemon.progress import LogProgress
 from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.recent_errors import RecentErrors
@@ -67,6 +69,7 @@ from sessionsync.daemon.watcher import RESYNC_FALLBACK, SessionWatcher
 from sessionsync.daemon.workers import DatabaseHealth, Workers, WorkQueue
 from sessionsync.models.events import PROJECT_RESYNCED, RECONCILE_FINISHED
 from sessionsync.models.keys import SessionKey
+from sessionsync.models.migrations import HEAD
 
 Progress = Callable[[dict[str, Any]], None]  # hears `resync --wait` progress lines
 DRAIN_TIMEOUT_S = 30.0
@@ -341,7 +344,7 @@ class Service:
                 if self._instance_lock is not None:
                     self._instance_lock.acquire()
                 if self.cfg.database.auto_migrate:
-                    before, after = upgrade(self.engine)
+                    before, after = self._upgrade()
                     if before != after:
                         logger.info("database schema upgraded from {} to {}", before or "empty", after)
                 self.store.check_schema()
@@ -358,6 +361,18 @@ class Service:
                 self._stop.wait(backoff.next())
         return False
 
+    def _upgrade(self) -> tuple[str | None, str | None]:
+        """Bring the schema to head, in a child process when there is anything to do (see
+        migrate_child.py); in-process should the child fail, so that its error is the real one."""
+        with self.engine.connect() as conn:
+            at = current_revision(conn)
+        if at == HEAD:
+            return at, at
+        cfg = self.cfg
+        url = cfg.database_url(self._env)
+        done = upgrade_in_child(url, not cfg.database.url, cfg.database.timeout_s, self._env)
+        return upgrade(self.engine) if done is None else done
+
     def _check_database_file(self) -> None:
         """A SQLite file deleted (or replaced) under the running daemon: its schema is rebuilt in
         a new file, the projects registered again and everything mirrored by a full reconcile."""
@@ -373,7 +388,7 @@ class Service:
             )
             self.engine.dispose()
             make_private(self.store.file, own_folder=not self.cfg.database.url)
-            upgrade(self.engine)
+            self._upgrade()
             self.store.remember_file()
             self.hub.restart(self.store.last_event_id())  # subscribers resume from the new file's start
             found = [ProjectPath(r.path, r.sessions_dir) for r in self.registry.refs().values()]
@@ -499,6 +514,8 @@ class Service:
             purged = self.store.purge_tombstones(timedelta(days=days))
             if purged:
                 logger.info("purged {} tombstone(s) older than {} day(s)", purged, days)
+            # A full pass leaves freed pages inside the heap that glibc keeps for later.
+            malloc.trim()
         self._publish(events)
         self._count_sessions()
         return summary

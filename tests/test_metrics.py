@@ -10,7 +10,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sessionsync.daemon.metrics import write_atomically
+from sessionsync.daemon.metrics import Latency, write_atomically
+from sessionsync.daemon.metrics_text import histogram
 from tests.support.runner import Daemon
 from tests.support.sessions import fixture_doc, write_state
 from tests.support.waiting import wait_for
@@ -147,3 +148,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_latency_histogram_counts_each_write_in_the_first_bucket_that_holds_it() -> None:
+    latency = Latency()
+    for seconds in (0.005, 0.0051, 2.0, 400.0):
+        latency.observe(seconds)
+    samples = {(s.name, s.labels.get("le")): s.value for s in histogram(latency).samples}
+    assert samples[("sessionsync_write_to_row_seconds_bucket", "0.005")] == 1  # a bound is inclusive
+    assert samples[("sessionsync_write_to_row_seconds_bucket", "0.01")] == 2
+    assert samples[("sessionsync_write_to_row_seconds_bucket", "1.0")] == 2
+    assert samples[("sessionsync_write_to_row_seconds_bucket", "2.5")] == 3
+    assert samples[("sessionsync_write_to_row_seconds_bucket", "300.0")] == 3
+    assert samples[("sessionsync_write_to_row_seconds_bucket", "+Inf")] == 4
+    assert samples[("sessionsync_write_to_row_seconds_count", None)] == 4
+    assert samples[("sessionsync_write_to_row_seconds_sum", None)] == 0.005 + 0.0051 + 2.0 + 400.0
