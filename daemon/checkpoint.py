@@ -50,15 +50,21 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self.passes = 0  # checkpoints run, for tests and status
 
+    def start(self) -> None:
+        """Have the thread running (once per process): a store on a SQLite file starts it when it
+        opens, so that the daemon's threads are as many whatever it writes."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+                self._thread.start()
+
     def committed(self, path: str) -> None:
         """A transaction on `path` committed: wake the thread if its WAL is due."""
         if wal_bytes(path) <= WAL_BYTES:
             return
+        self.start()
         with self._lock:
             self._due.add(path)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
-                self._thread.start()
         self._wake.set()
 
     def _run(self) -> None:

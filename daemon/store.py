@@ -436,6 +436,8 @@ class Store:
         database = engine.url.database if self.dialect == "sqlite" else None
         # The SQLite file and which file it was when last checked (see `file_replaced`).
         self.file = os.path.abspath(database) if database and database != ":memory:" else None
+        if self.file is not None:
+            checkpointer.start()
         self._file_id = self._identity()
 
     def _identity(self) -> tuple[int, int] | None:
