@@ -121,7 +121,8 @@ def freeze_long_lived() -> None:
     view for good. A reconcile allocates a document tree per session, which sets off full
     collections; frozen, those walk only the young objects instead of the whole heap (a cold
     reconcile of 10,000 sessions paid three full collections of about 60 ms each). Called by
-    the daemon and the one-shot commands once they are set up."""
+    the daemon once it is set up, and by a one-shot command run in-process (daemon/cli.py's
+    `_set_up`; started by `main()`, it freezes without collecting: collection was off)."""
     gc.collect()
     gc.freeze()
 
