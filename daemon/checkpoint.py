@@ -11,7 +11,7 @@ the WAL over, and `journal_size_limit` then cuts the file back to `WAL_BYTES`.
 
 Should the thread fall behind (the writer never pauses, a reader holds an old snapshot), the WAL
 still cannot grow without bound: past `INLINE_BYTES` the writer checkpoints on its own connection
-before its next transaction, as SQLite itself would have. Writes that do not go through
+right after its commit, as SQLite itself would have. Writes that do not go through
 `Store.write` (registering a project, marking a reconcile) are small, and the next batch's
 commit covers them; SQLite also checkpoints when the last connection closes.
 """
@@ -48,7 +48,6 @@ class Checkpointer:
         self._due: set[str] = set()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self.passes = 0  # checkpoints run, for tests and status
 
     def start(self) -> None:
         """Have the thread running (once per process): a store on a SQLite file starts it when it
@@ -58,14 +57,17 @@ class Checkpointer:
                 self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
                 self._thread.start()
 
-    def committed(self, path: str) -> None:
-        """A transaction on `path` committed: wake the thread if its WAL is due."""
-        if wal_bytes(path) <= WAL_BYTES:
-            return
-        self.start()
-        with self._lock:
-            self._due.add(path)
-        self._wake.set()
+    def committed(self, path: str, conn: sqlite3.Connection | None) -> None:
+        """A transaction on `path` committed on `conn`: wake the thread if its WAL is due, or
+        checkpoint on `conn` at once if the thread has fallen behind."""
+        size = wal_bytes(path)
+        if size > INLINE_BYTES:
+            checkpoint(path, conn)
+        elif size > WAL_BYTES:
+            self.start()
+            with self._lock:
+                self._due.add(path)
+            self._wake.set()
 
     def _run(self) -> None:
         while True:
@@ -75,7 +77,6 @@ class Checkpointer:
                 due, self._due = self._due, set()
             for path in due:
                 checkpoint(path)
-                self.passes += 1
 
 
 def checkpoint(path: str, conn: sqlite3.Connection | None = None) -> None:

@@ -252,7 +252,7 @@ class Stat(NamedTuple):
     deleted: bool
 
 
-def unchanged(sessions_fd: int, slug: str, row: Stat | Known, now_ns: int) -> bool:
+def unchanged(sessions_fd: int, slug: str, row: Stat, now_ns: int) -> bool:
     """Whether session folder `slug` of the sessions folder open as `sessions_fd` is as its row
     says by two lstat calls alone: the check that makes `inspect` return `Verdict.UNCHANGED`, for a
     reconcile to skip the folders nothing touched without the rest of the inspection. Names are

@@ -35,7 +35,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import TextClause, UpdateBase
 
-from sessionsync.daemon.checkpoint import INLINE_BYTES, checkpoint, checkpointer, wal_bytes
+from sessionsync.daemon.checkpoint import checkpointer
 from sessionsync.daemon.errors import SchemaMissing
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.inspection import Action, Change, Known, Stat
@@ -674,8 +674,6 @@ class Store:
             return plan.result
         ticket = self.hub.ticket() if self.hub is not None and plan.event_rows else None
         with self.engine.connect() as conn:
-            if self.file is not None and wal_bytes(self.file) > INLINE_BYTES:
-                checkpoint(self.file, conn.connection.driver_connection)  # the thread is behind
             transaction = conn.begin()
             try:
                 for bulk, rows in plan.steps:
@@ -695,10 +693,10 @@ class Store:
                 if ticket is not None:
                     ticket.uncertain()  # COMMIT was sent: it may have happened
                 raise
-        if self.file is not None:
-            checkpointer.committed(self.file)
-        if ticket is not None:
-            ticket.committed(plan.result.events)
+            if ticket is not None:
+                ticket.committed(plan.result.events)
+            if self.file is not None:
+                checkpointer.committed(self.file, conn.connection.driver_connection)
         return plan.result
 
     def plan(
