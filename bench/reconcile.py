@@ -55,7 +55,8 @@ from bench.table import Row, load, median, ratio, render, seconds, versions
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import ProjectPath
 from sessionsync.daemon.migrate import upgrade
-from sessionsync.daemon.reconcile import ReconcileSummary, freeze_long_lived, reconcile, register
+from sessionsync.daemon.reconcile import freeze_long_lived, reconcile, register
+from sessionsync.daemon.results import ReconcileSummary
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.models.state import map_state
 from tests.support.databases import SqliteFiles, empty_postgres_database, libpq_url, server_version

@@ -10,45 +10,21 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
 from sessionsync.daemon.inspection import Action, Change, Known, Retry, Verdict, inspect
 from sessionsync.daemon.logs import session_log
+from sessionsync.daemon.results import BatchResult, WriteResult
 from sessionsync.daemon.store import (
     DatabaseFault,
     ProjectRef,
     Store,
-    WriteResult,
     is_row_fault,
     is_transient,
 )
 from sessionsync.models.keys import SessionKey
-
-
-@dataclass
-class BatchResult(WriteResult):
-    """What the store wrote, plus what was skipped without writing: counts for summaries."""
-
-    unchanged: int = 0
-    no_state: int = 0
-    unstorable: int = 0  # folder names the database cannot hold (not UTF-8): never written
-    # Sessions whose state.json may be half-written (Verdict.UNSETTLED): nothing was written for
-    # them, and the caller must have them looked at again once the settle time has passed.
-    recheck: list[SessionKey] = field(default_factory=list)
-    # Sessions that could not be looked at for a reason not their own (Retry: out of file
-    # descriptors...), with that reason: nothing was written; the caller tries them again later.
-    retry: list[tuple[SessionKey, str]] = field(default_factory=list)
-    # Projects whose sessions folder could not be searched (Verdict.UNLISTED): nothing was written
-    # for their sessions; the caller reconciles those projects, which skips them until readable.
-    unlisted: list[str] = field(default_factory=list)
-
-    def add(self, other: WriteResult) -> None:
-        for name in (f.name for f in fields(other) if f.name != "events"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.events.extend(other.events)
 
 
 def sync_batch(

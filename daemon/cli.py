@@ -34,16 +34,21 @@ if TYPE_CHECKING:
 Command = Callable[[argparse.Namespace, "Config"], int]
 
 
+def _quiet_logging(cfg: Config) -> None:
+    """One-shot commands log like the daemon (its format, session folders named), warnings and up
+    only: their output is the summary on stdout."""
+    from sessionsync.daemon.logs import setup_logging
+
+    quiet = cfg.log.level if cfg.log.level in ("WARNING", "ERROR", "CRITICAL") else "WARNING"
+    setup_logging(quiet, cfg.log.format, sql=cfg.log.sql)
+
+
 def _open_store(cfg: Config) -> Any:
     from sessionsync.daemon.db import make_engine
-    from sessionsync.daemon.logs import setup_logging
     from sessionsync.daemon.migrate import upgrade
     from sessionsync.daemon.store import Store
 
-    # One-shot commands log like the daemon (its format, session folders named), warnings and up
-    # only: their output is the summary on stdout.
-    quiet = cfg.log.level if cfg.log.level in ("WARNING", "ERROR", "CRITICAL") else "WARNING"
-    setup_logging(quiet, cfg.log.format, sql=cfg.log.sql)
+    _quiet_logging(cfg)
     engine = make_engine(cfg.database_url(), own_folder=not cfg.database.url)
     if cfg.database.auto_migrate:
         _guard_database(lambda: upgrade(engine), cfg)
@@ -109,7 +114,7 @@ def cmd_db_upgrade(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     from sessionsync.daemon.discovery import discover, project_at
-    from sessionsync.daemon.reconcile import reconcile, register
+    from sessionsync.daemon.quick_reconcile import reconcile_unchanged
 
     if args.projects:
         found = [project_at(p, cfg.watch.sessions_subdir) for p in args.projects]
@@ -122,7 +127,14 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
     else:
         w = cfg.watch
         found = discover(w.projects, w.roots, w.discover_depth, w.sessions_subdir)
+    _quiet_logging(cfg)
+    # Nothing changed (the common case) is answered without the store; anything else is the full pass.
+    quick = reconcile_unchanged(cfg.database_url(), not cfg.database.url, found)
+    if quick is not None:
+        print(quick.line())
+        return EXIT_OK
     from sessionsync.daemon.progress import terminal_progress
+    from sessionsync.daemon.reconcile import reconcile, register
 
     store = _open_store(cfg)
     _set_up()

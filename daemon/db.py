@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import stat
-import time
 from typing import Any
 
-from loguru import logger
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from sessionsync.daemon import checkpoint
+from sessionsync.daemon import sqlite_db
 from sessionsync.daemon.dburl import check_url, mask_url
 from sessionsync.daemon.errors import ConfigError
 from sessionsync.models.jsontext import dumps
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 # How long a PostgreSQL server may take to answer before the connection counts as stalled
 # (`[database] timeout_s`).
 DEFAULT_TIMEOUT_S = 20.0
@@ -40,12 +36,12 @@ def make_engine(
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":
-            make_private(os.path.abspath(database), own_folder)
+            sqlite_db.make_private(os.path.abspath(database), own_folder)
         engine = create_engine(
             parsed,
             hide_parameters=True,
             json_serializer=dumps,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            connect_args={"timeout": sqlite_db.BUSY_TIMEOUT_MS / 1000},
         )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
@@ -76,69 +72,10 @@ def make_engine(
     return engine
 
 
-def make_private(database: str, own_folder: bool) -> None:
-    """The mirror holds every session's raw state: create it 0600 (its folder 0700 when it is
-    ours), and tighten an existing one whose modes are looser, saying so in one line."""
-    folder = os.path.dirname(database)
-    wanted: list[tuple[str, int]] = []
-    if not os.path.isdir(folder):
-        os.makedirs(folder, mode=0o700)
-    elif own_folder:
-        wanted.append((folder, 0o700))
-    try:
-        # Created here, empty, so that SQLite never creates it with the umask's 0644; its -wal
-        # and -shm files take the database file's mode.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        os.close(os.open(database, flags, 0o600))
-    except FileExistsError:
-        wanted += [(path, 0o600) for path in (database, f"{database}-wal", f"{database}-shm")]
-    changed = [change for path, mode in wanted if (change := _tighten(path, mode))]
-    if changed:
-        logger.warning(
-            "the mirror was readable by other users; made it private (it holds every session's state): {}",
-            ", ".join(changed),
-        )
-
-
-def _tighten(path: str, mode: int) -> str:
-    """Take away every permission bit outside `mode` from a file of ours; what changed, or ""."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return ""
-    old = stat.S_IMODE(st.st_mode)
-    if not old & ~mode or st.st_uid != os.getuid():
-        return ""
-    try:
-        os.chmod(path, old & mode)
-    except OSError as exc:
-        logger.warning("{} is readable by other users and cannot be made private: {}", path, exc.strerror)
-        return ""
-    return f"{path} {old:o} -> {old & mode:o}"
-
-
 def _sqlite_on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     # Let SQLAlchemy's "begin" hook issue BEGIN itself (the pysqlite driver would defer it).
     dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    # Switching a new file to WAL takes an exclusive lock and answers "locked" at once, without the
-    # busy handler, when another process opens the same new file at that moment: wait like it would.
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            break
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-    cur.execute("PRAGMA synchronous=NORMAL")
-    # Checkpoints run on a thread of their own, not inside a commit (daemon/checkpoint.py).
-    cur.execute("PRAGMA wal_autocheckpoint=0")
-    cur.execute(f"PRAGMA journal_size_limit={checkpoint.WAL_BYTES}")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+    sqlite_db.configure(dbapi_conn)
 
 
 def _sqlite_on_begin(conn: Any) -> None:

@@ -60,3 +60,16 @@ def _walk(root: str, depth: int, sessions_subdir: str) -> Iterable[ProjectPath]:
         except OSError:
             # Unreadable folders (permissions, vanished mid-walk) are simply not searched.
             continue
+
+
+def list_slugs(sessions_dir: str) -> list[str]:
+    """Session folder names (links included, so they can be reported); hidden names skipped."""
+    try:
+        with os.scandir(sessions_dir) as entries:
+            return [
+                e.name
+                for e in entries
+                if (e.is_dir(follow_symlinks=False) or e.is_symlink()) and not e.name.startswith(".")
+            ]
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 
-from sessionsync.daemon.batch import BatchResult
 from sessionsync.daemon.config import MetricsConfig, split_listen
 from sessionsync.daemon.inspection import Action, Change
+from sessionsync.daemon.results import BatchResult
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

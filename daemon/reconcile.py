@@ -15,75 +15,18 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from loguru import logger
 
-from sessionsync.daemon.batch import BatchResult, inspect_batch, load_known, sync_batch
-from sessionsync.daemon.discovery import ProjectPath
+from sessionsync.daemon.batch import inspect_batch, load_known, sync_batch
+from sessionsync.daemon.discovery import ProjectPath, list_slugs
 from sessionsync.daemon.inspection import Stat, unchanged
+from sessionsync.daemon.results import BatchResult, ReconcileSummary
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.daemon.writer import Submitted, open_writer
 from sessionsync.models.keys import SessionKey
-
-
-@dataclass
-class ReconcileSummary:
-    """What a reconcile saw and did; `line()` is the one-paragraph summary users read."""
-
-    projects: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-    totals: BatchResult = field(default_factory=BatchResult)
-    unreadable: dict[str, str] = field(default_factory=dict)  # project -> why its folder cannot be listed
-
-    def line(self) -> str:
-        t = self.totals
-        return (
-            f"reconciled {self.projects} project(s): {self.seen} session(s) seen, {t.written} written, "
-            f"{t.unchanged + t.touched} unchanged, {t.invalid} invalid, {t.tombstoned} tombstoned, "
-            f"{t.no_state} without state.json"
-            + (f", {t.unstorable} skipped (folder name not UTF-8)" if t.unstorable else "")
-            + (f", {len(self.unreadable)} project(s) skipped (unreadable)" if self.unreadable else "")
-            + (
-                f", {len(t.retry)} not read for now ({t.retry[0][1]}; nothing written for them: run it again)"
-                if t.retry
-                else ""
-            )
-            + f", in {self.seconds * 1000:.0f} ms"
-        )
-
-    def as_dict(self) -> dict[str, int | float]:
-        t = self.totals
-        return {
-            "projects": self.projects,
-            "sessions": self.seen,
-            "changed": t.written + t.tombstoned,
-            "written": t.written,
-            "unchanged": t.unchanged + t.touched,
-            "invalid": t.invalid,
-            "tombstoned": t.tombstoned,
-            "no_state": t.no_state,
-            "unstorable": t.unstorable,
-            "unreadable_projects": len(self.unreadable),
-            "not_read_for_now": len(t.retry),
-            "ms": round(self.seconds * 1000),
-        }
-
-
-def list_slugs(sessions_dir: str) -> list[str]:
-    """Session folder names (links included, so they can be reported); hidden names skipped."""
-    try:
-        with os.scandir(sessions_dir) as entries:
-            return [
-                e.name
-                for e in entries
-                if (e.is_dir(follow_symlinks=False) or e.is_symlink()) and not e.name.startswith(".")
-            ]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
 
 # Projects whose sessions folder could not be listed, and why: said once when it starts, once
 # when it ends, not on every pass.

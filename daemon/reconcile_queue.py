@@ -16,7 +16,7 @@ from loguru import logger
 
 from sessionsync.daemon.backoff import Backoff
 from sessionsync.daemon.logs import mask_secrets
-from sessionsync.daemon.reconcile import ReconcileSummary
+from sessionsync.daemon.results import ReconcileSummary
 from sessionsync.daemon.store import is_transient
 
 # A failed reconcile is retried after 1 s, doubling up to 30 s while it keeps failing.

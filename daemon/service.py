@@ -26,10 +26,10 @@ from loguru import logger
 
 from sessionsync.daemon import malloc
 from sessionsync.daemon.backoff import Backoff
-from sessionsync.daemon.batch import BatchResult, log_changes, sync_batch
+from sessionsync.daemon.batch import log_changes, sync_batch
 from sessionsync.daemon.config import Config, load_config
 from sessionsync.daemon.control.protocol import MAX_LINE
-from sessionsync.daemon.db import make_engine, make_private
+from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.dburl import mask_url
 from sessionsync.daemon.debounce import Debouncer, DebounceThread
 from sessionsync.daemon.discovery import ProjectPath, discover
@@ -53,14 +53,15 @@ from sessionsync.daemon.project_registry import ProjectRegistry
 from sessionsync.daemon.recent_errors import RecentErrors
 from sessionsync.daemon.reconcile import (
     RESYNC_UNREADABLE,
-    ReconcileSummary,
     freeze_long_lived,
     reconcile,
     register,
     unreadable_projects,
 )
 from sessionsync.daemon.reconcile_queue import ReconcileJob, ReconcileQueue, Reconciler
+from sessionsync.daemon.results import BatchResult, ReconcileSummary
 from sessionsync.daemon.scheduler import Schedule, is_overdue, zone
+from sessionsync.daemon.sqlite_db import make_private
 from sessionsync.daemon.store import Store, is_transient
 from sessionsync.daemon.systemd import Notifier, WatchdogPinger
 from sessionsync.daemon.testing_hooks import Hooks

@@ -39,6 +39,8 @@ from sessionsync.daemon.checkpoint import checkpointer
 from sessionsync.daemon.errors import SchemaMissing
 from sessionsync.daemon.hub import EventHub
 from sessionsync.daemon.inspection import Action, Change, Known, Stat
+from sessionsync.daemon.results import WriteResult
+from sessionsync.daemon.sqlite_db import sqlite_time
 from sessionsync.models.events import (
     NOTIFY_CHANNEL,
     SessionEventKind,
@@ -225,19 +227,10 @@ class _RecordsetUpsert:
         cursor.execute(self.sql, self.ready(rows))
 
 
-def _sqlite_time(value: datetime | None) -> str | None:
-    """What UTCDateTime and SQLite's DATETIME together bind: naive UTC as `YYYY-MM-DD HH:MM:SS.ffffff`."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        raise ValueError(f"naive datetime {value!r}: sessionsync stores aware UTC times only")
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-
-
 def _sqlite_converter(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
     """How a value of `type_` is bound on SQLite (None: as it is)."""
     if isinstance(type_, UTCDateTime):
-        return _sqlite_time
+        return sqlite_time
     if isinstance(type_, JSON):
         return dumps
     if isinstance(type_, Boolean):
@@ -405,17 +398,6 @@ class ProjectRef:
     id: int
     path: str
     sessions_dir: str
-
-
-@dataclass
-class WriteResult:
-    """What one batch wrote: row counts by action and the stream events it committed."""
-
-    written: int = 0
-    touched: int = 0
-    tombstoned: int = 0
-    invalid: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Store:

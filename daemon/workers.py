@@ -22,7 +22,7 @@ from typing import Any
 from loguru import logger
 
 from sessionsync.daemon.backoff import Backoff
-from sessionsync.daemon.batch import BatchResult
+from sessionsync.daemon.results import BatchResult
 from sessionsync.daemon.store import is_transient
 from sessionsync.models.keys import SessionKey
 

@@ -11,8 +11,9 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
-from sessionsync.daemon.batch import BatchResult, write_changes
+from sessionsync.daemon.batch import write_changes
 from sessionsync.daemon.inspection import Change, Known
+from sessionsync.daemon.results import BatchResult
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.models.keys import SessionKey
 

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import pytest
 from sessionsync.daemon.cli import build_parser
 from sessionsync.daemon.control.client import request
 from tests.support.newuser import SESSIONSYNC, NewUser
-from tests.support.sessions import fixture_doc, write_state
+from tests.support.sessions import age_sessions, fixture_doc, write_state
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -498,28 +499,55 @@ def test_status_imports_no_database_or_scheduler_library(
 
 
 def test_a_reconcile_with_nothing_to_do_imports_only_what_it_uses(user: NewUser) -> None:
-    """The one-shot CLI's start-up is its imports: a reconcile that finds the schema at the head
-    and nothing changed (SQLite, the default) needs no Alembic, psycopg, ORM, scheduler, watcher,
-    progress bar, metrics, TOML parser or state.json models."""
-    write_state(user.project(), "first", fixture_doc("v2-spec"))
+    """The one-shot CLI's start-up is its imports: a reconcile that finds nothing changed on the
+    default SQLite mirror is answered through the standard library's sqlite3, with no SQLAlchemy,
+    Alembic, psycopg, scheduler, watcher, progress bar, metrics, TOML parser or state.json models;
+    the first change found brings the full pass back."""
+    project = user.project()
+    write_state(project, "first", fixture_doc("v2-spec"))
+    age_sessions(project)  # untouched lately: its stat can be trusted for skipping
     assert user.run("reconcile").returncode == 0  # creates the database and mirrors the session
+    with sqlite3.connect(user.database) as conn:
+        (marked,) = conn.execute("SELECT last_reconciled_at FROM projects").fetchone()
+
     out = user.run("reconcile", env={"PYTHONPROFILEIMPORTTIME": "1"})
+
     assert out.returncode == 0, out.stderr
     assert ", 0 written, 1 unchanged," in out.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line}
-    assert "sessionsync.daemon.reconcile" in imported  # the whole command ran
+    assert "sessionsync.daemon.quick_reconcile" in imported  # the whole command ran
     # tomllib: there is no config file to read.
-    unused = {"alembic", "psycopg", "apscheduler", "watchdog", "tqdm", "prometheus_client", "tomllib"}
-    heavy = sorted(m for m in imported if m.split(".")[0] in unused or m.startswith("sqlalchemy.orm"))
+    unused = {
+        "sqlalchemy",
+        "alembic",
+        "psycopg",
+        "apscheduler",
+        "watchdog",
+        "tqdm",
+        "prometheus_client",
+        "tomllib",
+    }
+    heavy = sorted(m for m in imported if m.split(".")[0] in unused)
     assert heavy == []
-    # No document to map, and the default schedule needs no checking.
-    assert imported.isdisjoint({"sessionsync.models.state_documents", "sessionsync.daemon.crontab"})
+    # No document to map, no store, and the default schedule needs no checking.
+    assert imported.isdisjoint(
+        {"sessionsync.models.state_documents", "sessionsync.daemon.store", "sessionsync.daemon.crontab"}
+    )
+    with sqlite3.connect(user.database) as conn:  # the project is marked reconciled all the same
+        (now_marked,) = conn.execute("SELECT last_reconciled_at FROM projects").fetchone()
+    assert now_marked > marked
+
+    write_state(project, "first", fixture_doc("v2-build"))
+    out = user.run("reconcile", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert out.returncode == 0, out.stderr
+    assert ", 1 written, 0 unchanged," in out.stdout
+    assert "sessionsync.daemon.store" in out.stderr
 
 
 def test_a_one_shot_reconcile_never_collects_garbage_during_its_start_up(user: NewUser) -> None:
     """Start-up allocates only what the process keeps: the collector stays off until the command is
-    set up, which freezes it all, and then runs for the rest of the work."""
-    write_state(user.project(), "first", fixture_doc("v2-spec"))
+    set up, which freezes it all, and then runs for the rest of the work. (A reconcile with nothing
+    to do is answered without the store, and keeps the collector off for its few milliseconds.)"""
     report = (
         "import atexit, gc, sys\n"
         "atexit.register(lambda: print('gc', gc.isenabled(), gc.get_freeze_count(),"
@@ -528,7 +556,9 @@ def test_a_one_shot_reconcile_never_collects_garbage_during_its_start_up(user: N
         "main(['reconcile'])\n"
     )
     python = SESSIONSYNC.parent / "python"
-    for _ in range(2):  # the first creates the database and mirrors the session, the second has nothing to do
+    # The first creates the database and mirrors the session, the second writes its new state.
+    for doc in ("v2-spec", "v2-build"):
+        write_state(user.project(), "first", fixture_doc(doc))
         out = subprocess.run(
             [str(python), "-c", report],
             env=user.env,

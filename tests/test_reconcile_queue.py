@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from sessionsync.daemon.backoff import Backoff
-from sessionsync.daemon.reconcile import ReconcileSummary
 from sessionsync.daemon.reconcile_queue import ReconcileJob, ReconcileQueue, Reconciler
+from sessionsync.daemon.results import ReconcileSummary
 from tests.support.waiting import wait_for
 
 NOW = threading.Event()  # never set: with timeout 0, take() answers at once

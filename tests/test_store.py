@@ -20,12 +20,13 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import JSON, Engine, delete, event, null, select
 from sqlalchemy import exc as sa_exc
 
-from sessionsync.daemon.batch import BatchResult, load_known, sync_batch
+from sessionsync.daemon.batch import load_known, sync_batch
 from sessionsync.daemon.checkpoint import INLINE_BYTES, wal_bytes
 from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
 from sessionsync.daemon.migrate import alembic_config, head_revision, upgrade
-from sessionsync.daemon.reconcile import PRELOAD_GROUP, ReconcileSummary, reconcile, register
+from sessionsync.daemon.reconcile import PRELOAD_GROUP, reconcile, register
+from sessionsync.daemon.results import BatchResult, ReconcileSummary
 from sessionsync.daemon.store import Store, is_row_fault, is_transient
 from sessionsync.models.keys import SessionKey
 from sessionsync.models.migrations import HEAD
