@@ -16,12 +16,12 @@ from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     Boolean,
     Connection,
     Dialect,
     Engine,
     String,
+    Table,
     Text,
     bindparam,
     delete,
@@ -32,7 +32,6 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import TextClause, UpdateBase
 
 from sessionsync.daemon.checkpoint import checkpointer
@@ -206,7 +205,7 @@ class _RecordsetUpsert:
     column becomes JSON null, as SQLAlchemy's JSON type stores None, not SQL NULL."""
 
     def __init__(self, keys: Sequence[str], update: Sequence[str]) -> None:
-        json_columns = {c.name for c in sessions.columns if isinstance(c.type, JSON)}
+        json_columns = {c.name for c in sessions.columns if isinstance(c.type, JSONDoc)}
         values = ", ".join(f"COALESCE(r.{k}, 'null'::jsonb)" if k in json_columns else f"r.{k}" for k in keys)
         self.sql = (
             f"INSERT INTO sessions ({', '.join(keys)}) SELECT {values}"
@@ -231,7 +230,7 @@ def _sqlite_converter(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | No
     """How a value of `type_` is bound on SQLite (None: as it is)."""
     if isinstance(type_, UTCDateTime):
         return sqlite_time
-    if isinstance(type_, JSON):
+    if isinstance(type_, JSONDoc):
         return dumps
     if isinstance(type_, Boolean):
         return None  # sqlite3 binds True and False as 1 and 0, as SQLAlchemy's int() would
@@ -400,6 +399,17 @@ class ProjectRef:
     sessions_dir: str
 
 
+def _dialect_insert(dialect: str) -> Callable[[Table], Any]:
+    """The dialect's INSERT with ON CONFLICT, imported for the dialect in use only."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
 class Store:
     """All database access of the daemon and the one-shot commands goes through here."""
 
@@ -407,7 +417,7 @@ class Store:
         self.engine = engine
         self.host = host or socket.gethostname()
         self.dialect = engine.dialect.name
-        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._insert = _dialect_insert(self.dialect)
         dialect = engine.dialect
         self._upsert_valid = self._upsert(_MIRRORED + _STAT + _STATUS)
         self._upsert_invalid = self._upsert(_STAT + _STATUS)

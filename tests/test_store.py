@@ -17,7 +17,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import JSON, Engine, delete, event, null, select
+from sqlalchemy import Engine, delete, event, null, select
 from sqlalchemy import exc as sa_exc
 
 from sessionsync.daemon.batch import load_known, sync_batch
@@ -30,7 +30,7 @@ from sessionsync.daemon.results import BatchResult, ReconcileSummary
 from sessionsync.daemon.store import Store, is_row_fault, is_transient
 from sessionsync.models.keys import SessionKey
 from sessionsync.models.migrations import HEAD
-from sessionsync.models.tables import metadata, projects, session_events, sessions
+from sessionsync.models.tables import JSONDoc, metadata, projects, session_events, sessions
 from tests.conftest import require_postgres
 from tests.support.databases import libpq_url, postgres_schema
 from tests.support.sessions import fixture_doc, remove_session, write_state
@@ -662,7 +662,7 @@ def test_rows_hold_what_sqlalchemy_itself_would_bind(engine: Engine, db_url: str
                 rows = [dict(r._mapping) for r in source.execute(select(table))]
                 for r in rows:  # SQL NULL stays NULL (SQLAlchemy binds a JSON None as JSON null)
                     for c in table.columns:
-                        if isinstance(c.type, JSON) and _is_null(source, table, c.name, r["id"]):
+                        if isinstance(c.type, JSONDoc) and _is_null(source, table, c.name, r["id"]):
                             r[c.name] = null()
                 target.execute(table.insert(), rows)
         fast, copied = ({t.name: _raw_rows(e, t) for t in tables} for e in (engine, copy))
