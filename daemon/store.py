@@ -392,6 +392,28 @@ def is_row_fault(exc: BaseException) -> bool:
     return isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError))
 
 
+# What `Store.known_by_project` reads, built once: a worker reads a handful of rows per batch, and
+# building the statement each time cost as much as running it on SQLite. Columns in the order of
+# Known's fields after (project_id, slug): rows are unpacked by position (a reconcile reads every
+# row, and attribute access per column costs).
+_KNOWN = select(
+    sessions.c.project_id,
+    sessions.c.slug,
+    sessions.c.id,
+    sessions.c.state_size,
+    sessions.c.state_mtime_ns,
+    sessions.c.state_hash,
+    sessions.c.spec_exists,
+    sessions.c.plan_exists,
+    sessions.c.deleted_at.is_not(None),
+    sessions.c.invalid,
+    sessions.c.current_phase,
+    sessions.c.status,
+    sessions.c.dir_mtime_ns,
+).where(sessions.c.project_id.in_(bindparam("ids", expanding=True)))
+_KNOWN_SLUGS = _KNOWN.where(sessions.c.slug.in_(bindparam("slugs", expanding=True)))
+
+
 @dataclass(frozen=True, slots=True)
 class ProjectRef:
     id: int
@@ -523,32 +545,16 @@ class Store:
         self, project_ids: Collection[int], slugs: Collection[str] | None = None
     ) -> dict[int, dict[str, Known]]:
         """What the database holds for these projects, by project id and slug, in one query."""
-        s = sessions.c
-        # Columns in the order of Known's fields: rows are unpacked by position (a reconcile reads
-        # every row, and attribute access per column costs).
-        query = select(
-            s.project_id,
-            s.slug,
-            s.id,
-            s.state_size,
-            s.state_mtime_ns,
-            s.state_hash,
-            s.spec_exists,
-            s.plan_exists,
-            s.deleted_at.is_not(None),
-            s.invalid,
-            s.current_phase,
-            s.status,
-            s.dir_mtime_ns,
-        ).where(s.project_id.in_(list(project_ids)))
+        params: dict[str, list[Any]] = {"ids": list(project_ids)}
+        query = _KNOWN
         if slugs is not None:
-            query = query.where(s.slug.in_(list(slugs)))
+            query, params["slugs"] = _KNOWN_SLUGS, list(slugs)
         known: dict[int, dict[str, Known]] = {project_id: {} for project_id in project_ids}
         with self.engine.connect() as conn:
             # The driver's own rows, not SQLAlchemy's: a reconcile reads one per session, and no
             # column here needs a result processor (SQLite's booleans come as 0 and 1, which
             # compare equal to False and True).
-            result = conn.execute(query)
+            result = conn.execute(query, params)
             for project_id, slug, *rest in result.cursor.fetchall():
                 known[project_id][slug] = Known._make(rest)
             result.close()
