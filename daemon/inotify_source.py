@@ -6,8 +6,9 @@ emitters or recursive watch groups: those cost a thread per watched folder tree 
 about 550 bytes of bookkeeping, per folder at any depth. Here every watch is plain (not recursive):
 the sessions folder, each folder right inside it (a session) and the sessions folder's parent, so a
 project costs 2 watches plus one per session, whatever lies deeper, and all projects share the one
-reader thread. Events are handled on that thread. Every private member touched is named in
-WATCHDOG_PRIVATE_MEMBERS, which tests/test_inotify_source.py checks against the installed watchdog.
+reader thread. Events are read and handled on that thread, as soon as each read returns. Every
+private member touched is named in WATCHDOG_PRIVATE_MEMBERS, which tests/test_inotify_source.py
+checks against the installed watchdog.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ WATCHDOG_PRIVATE_MEMBERS: dict[type, tuple[str, ...]] = {
     InotifyFD: (
         "_inotify_fd",  # the descriptor our watches are added to and removed from
         "_lock",  # held while doing so: the reader closes the descriptor under it
-        "_closed",  # read under it: a closed descriptor's number may be another file's by now
+        "_closed",  # read under it (a closed descriptor's number may be another file's by now); ends run()
         "_raise_error",  # errno of a failed inotify_add_watch as the OSError watchdog raises
     ),
 }
@@ -166,8 +167,14 @@ class _InotifyFD(InotifyFD):
                 owner.on_event(event, name)
 
     def run(self) -> None:
+        # Events are read and handled on this one thread. watchdog's own run() (7.1.1) hands each
+        # read to a second, dispatcher thread, and when two reads come less than 1 ms apart it polls
+        # up to 1 ms more for the rest of a burst: an atomic save's rename follows its temporary
+        # file's events by less than that, so every save waited that millisecond and the hop.
         try:
-            super().run()
+            while self.should_keep_running() and not self._closed:
+                for event in self.read_events():
+                    self.handle_event(event)
         except Exception:
             logger.exception("inotify reader thread failed")
         finally:

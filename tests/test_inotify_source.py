@@ -70,9 +70,11 @@ def test_the_private_members_used_still_exist() -> None:
 @pytest.mark.parametrize(
     ("method", "member"),
     [
-        # The reader thread hands every event to handle_event, after read_events (the seam's queue).
-        (InotifyFD.run, "self.read_events("),
-        (InotifyFD.run, "self.handle_event("),
+        # Our run() reads through read_events, which reads what _read_event_buffer returns (the
+        # overflow test below feeds it there), and stops once the thread is told to or the
+        # descriptor is closed, as watchdog's own run() does.
+        (InotifyFD.read_events, "self._read_event_buffer("),
+        (InotifyFD.run, "self.should_keep_running() and not self._closed"),
         # The descriptor is closed only under the lock, and once `_closed` is set: adding a watch
         # under that lock, after checking the flag, never reaches a descriptor closed meanwhile.
         (InotifyFD._read_event_buffer, "self._close_resources()"),
