@@ -463,6 +463,14 @@ class Store:
             return None
         return st.st_dev, st.st_ino
 
+    def release_memory(self) -> None:
+        """Close the pool's idle SQLite connections, for the pages a full pass left in their caches
+        (SQLite keeps up to 2 MiB per connection); a connection lent out now is closed when it comes
+        back, and the next batch opens a fresh one. Nothing to do on PostgreSQL, whose pages live in
+        the server."""
+        if self.file is not None:
+            self.engine.dispose()
+
     def remember_file(self) -> None:
         """Take the SQLite file as it is now as the one the mirror lives in."""
         self._file_id = self._identity()
