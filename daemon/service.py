@@ -515,12 +515,13 @@ class Service:
             purged = self.store.purge_tombstones(timedelta(days=days))
             if purged:
                 logger.info("purged {} tombstone(s) older than {} day(s)", purged, days)
-            # A full pass leaves pages in the SQLite connections' caches, and freed ones inside the
-            # heap that glibc keeps for later: both go back.
-            self.store.release_memory()
-            malloc.trim()
         self._publish(events)
         self._count_sessions()
+        if job.projects is None:
+            # A full pass leaves pages in the SQLite connections' caches, and freed ones inside the
+            # heap that glibc keeps for later: both go back, once its last query is done.
+            self.store.release_memory()
+            malloc.trim()
         return summary
 
     def _startup_reconcile(self) -> ReconcileJob | None:
