@@ -22,6 +22,7 @@ import hashlib
 import os
 import stat
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, NamedTuple
@@ -240,39 +241,51 @@ def _inspect(
     return Change(key, Action.WRITE, probe, digest, mapped, document, error)
 
 
-class Stat(NamedTuple):
-    """A session's row as far as `unchanged` compares it, in the column order of
-    `Store.stats_by_project`'s query."""
-
-    project_id: int
-    slug: str
-    state_size: int | None
-    state_mtime_ns: int | None
-    dir_mtime_ns: int | None
-    deleted: bool
+# A session's row as far as `not_unchanged` compares it: the driver's own row of
+# `Store.stats_by_project`'s query, (project_id, slug, state_size, state_mtime_ns, dir_mtime_ns,
+# deleted). A plain tuple read by position: a reconcile reads one per session.
+Stat = tuple[int, str, int | None, int | None, int | None, bool]
 
 
-def unchanged(sessions_fd: int, slug: str, row: Stat, now_ns: int) -> bool:
-    """Whether session folder `slug` of the sessions folder open as `sessions_fd` is as its row
-    says by two lstat calls alone: the check that makes `inspect` return `Verdict.UNCHANGED`, for a
-    reconcile to skip the folders nothing touched without the rest of the inspection. Names are
-    resolved from the open folder (most of an lstat by full path is walking the path). Any doubt
-    (an error, a link, a type) says False: `inspect` then decides, and says why."""
-    if row.deleted:
-        return False
-    try:
-        st = os.lstat(slug, dir_fd=sessions_fd)
-        state_st = os.lstat(f"{slug}/{STATE_FILE}", dir_fd=sessions_fd)
-    except OSError:
-        return False
-    return (
-        stat.S_ISDIR(st.st_mode) and stat.S_ISREG(state_st.st_mode) and _same_stat(st, state_st, row, now_ns)
-    )
+def not_unchanged(sessions_fd: int, slugs: Iterable[str], rows: Mapping[str, Stat], now_ns: int) -> list[str]:
+    """The slugs of the sessions folder open as `sessions_fd` that two lstat calls cannot vouch for:
+    those without a row, with a deleted row, or whose folder and state.json are not as the row
+    says (`_same_stat`'s comparison: what makes `inspect` return `Verdict.UNCHANGED`). A reconcile
+    skips the others without the rest of the inspection. Names are resolved from the open folder
+    (most of an lstat by full path is walking the path). Any doubt (an error, a link, a type)
+    keeps the slug: `inspect` then decides, and says why. One loop for a whole folder, the check
+    written out in it: a reconcile runs it once per session."""
+    todo: list[str] = []
+    keep = todo.append
+    lstat, is_dir, is_reg = os.lstat, stat.S_ISDIR, stat.S_ISREG
+    state_name = f"/{STATE_FILE}"
+    for slug in slugs:
+        row = rows.get(slug)
+        if row is None or row[5]:
+            keep(slug)
+            continue
+        try:
+            st = lstat(slug, dir_fd=sessions_fd)
+            state_st = lstat(slug + state_name, dir_fd=sessions_fd)
+        except OSError:
+            keep(slug)
+            continue
+        if not (
+            is_dir(st.st_mode)
+            and is_reg(state_st.st_mode)
+            and state_st.st_mtime_ns == row[3]
+            and state_st.st_size == row[2]
+            and st.st_mtime_ns == row[4]
+            and now_ns - st.st_mtime_ns >= RACY_WINDOW_NS
+        ):
+            keep(slug)
+    return todo
 
 
-def _same_stat(st: os.stat_result, state_st: os.stat_result, row: Stat | Known, now_ns: int) -> bool:
+def _same_stat(st: os.stat_result, state_st: os.stat_result, row: Known, now_ns: int) -> bool:
     """The folder and its state.json stat as the row recorded them, the folder's mtime old enough
-    to trust (RACY_WINDOW_NS): spec.md and plan.json are then as they were, and so is the file."""
+    to trust (RACY_WINDOW_NS): spec.md and plan.json are then as they were, and so is the file.
+    `not_unchanged` writes the same comparison out in its loop: change both or neither."""
     return (
         state_st.st_mtime_ns == row.state_mtime_ns
         and state_st.st_size == row.state_size

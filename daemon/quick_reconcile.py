@@ -4,7 +4,7 @@ Most one-shot reconciles (by hand, from cron, from a UI after its own save) find
 row says. Telling that takes one read of the rows' stats and two lstat calls per session, which a
 SQLite mirror answers through the standard library's sqlite3; importing SQLAlchemy and the store
 would cost more (about 150 ms) than the whole check. So `reconcile_unchanged` makes the check the
-full pass makes (`inspection.unchanged`), and when every folder passes it, it does what the full
+full pass makes (`inspection.not_unchanged`), and when every folder passes it, it does what the full
 pass would then do, marking the projects reconciled, and returns the same summary.
 
 At the first doubt it returns None and writes nothing, and the full reconcile (daemon/reconcile.py)
@@ -24,7 +24,7 @@ from contextlib import closing
 from datetime import UTC, datetime
 
 from sessionsync.daemon.discovery import ProjectPath, list_slugs
-from sessionsync.daemon.inspection import Stat, unchanged
+from sessionsync.daemon.inspection import not_unchanged
 from sessionsync.daemon.results import ReconcileSummary
 from sessionsync.daemon.sqlite_db import BUSY_TIMEOUT_MS, configure, make_private, sqlite_time
 from sessionsync.models.migrations import HEAD
@@ -94,9 +94,8 @@ def _unchanged_folders(conn: sqlite3.Connection, project_id: int, sessions_dir: 
         slugs = list_slugs(sessions_dir)
     except OSError:
         return None
-    make = tuple.__new__
-    rows = {
-        row[1]: make(Stat, row)
+    rows = {  # inspection.Stat, the driver's rows as they come
+        row[1]: row
         for row in conn.execute(
             "SELECT project_id, slug, state_size, state_mtime_ns, dir_mtime_ns, deleted_at IS NOT NULL"
             " FROM sessions WHERE project_id = ?",
@@ -104,7 +103,7 @@ def _unchanged_folders(conn: sqlite3.Connection, project_id: int, sessions_dir: 
         )
     }
     listed = set(slugs)
-    if any(not row.deleted and slug not in listed for slug, row in rows.items()):
+    if any(not row[5] and slug not in listed for slug, row in rows.items()):  # row[5]: deleted
         return None  # a folder is gone: its row is to be tombstoned
     if not slugs:
         return 0
@@ -113,10 +112,8 @@ def _unchanged_folders(conn: sqlite3.Connection, project_id: int, sessions_dir: 
     except OSError:
         return None
     try:
-        now_ns = time.time_ns()
-        if all((row := rows.get(slug)) is not None and unchanged(fd, slug, row, now_ns) for slug in slugs):
-            return len(slugs)
-        return None
+        # Every folder has a row and matches it: none that the check does not vouch for.
+        return None if not_unchanged(fd, slugs, rows, time.time_ns()) else len(slugs)
     finally:
         os.close(fd)
 

@@ -569,20 +569,19 @@ class Store:
         return known
 
     def stats_by_project(self, project_ids: Collection[int]) -> dict[int, dict[str, Stat]]:
-        """Every row of these projects, deleted ones too, as far as `inspection.unchanged` needs
-        it, by project id and slug, in one query: what a reconcile compares each folder with."""
+        """Every row of these projects, deleted ones too, as far as `inspection.not_unchanged`
+        needs it, by project id and slug, in one query: what a reconcile compares each folder with."""
         s = sessions.c
         query = select(
             s.project_id, s.slug, s.state_size, s.state_mtime_ns, s.dir_mtime_ns, s.deleted_at.is_not(None)
         ).where(s.project_id.in_(list(project_ids)))
         rows: dict[int, dict[str, Stat]] = {project_id: {} for project_id in project_ids}
         with self.engine.connect() as conn:
-            result = conn.execute(query)  # the driver's rows, as in known_by_project
-            # A reconcile reads one per session: tuple.__new__ is Stat._make without its checks
-            # (a fifth of the cost), the row having Stat's fields in order.
-            make = tuple.__new__
+            result = conn.execute(query)
+            # The driver's own rows, kept as they come (a reconcile reads one per session): they are
+            # Stat's plain tuples already.
             for row in result.cursor.fetchall():
-                rows[row[0]][row[1]] = make(Stat, row)
+                rows[row[0]][row[1]] = row
             result.close()
         return rows
 
