@@ -25,7 +25,7 @@ from sessionsync.daemon.discovery import ProjectPath, list_slugs
 from sessionsync.daemon.inspection import Stat, not_unchanged
 from sessionsync.daemon.results import BatchResult, ReconcileSummary
 from sessionsync.daemon.store import ProjectRef, Store
-from sessionsync.daemon.writer import Submitted, open_writer
+from sessionsync.daemon.writer import BatchWriter, Submitted, open_writer
 from sessionsync.models.keys import SessionKey
 
 # Projects whose sessions folder could not be listed, and why: said once when it starts, once
@@ -134,15 +134,19 @@ def reconcile(
             done_keys += count
             on_progress(done_keys, max(total, done_keys))
 
-    with ExitStack() as claims, open_writer(store) as writer:
+    with ExitStack() as claims, ExitStack() as writing:
+        writer: BatchWriter | None = None  # opened with the first batch: a warm pass has none
         for chunk, with_rows in _batches(store, projects, batch_size, summary, skipped):
             release = claims.enter_context(ExitStack())
             release.enter_context(hold(chunk))
             # Under a claim, every row is read inside it: a worker may have written one a moment before.
             known = load_known(store, refs, chunk if claim is not None else with_rows)
             result, changes = inspect_batch(refs, chunk, max_bytes, known)
+            if writer is None:
+                writer = writing.enter_context(open_writer(store))
             finish(writer.submit(Submitted(chunk, changes, known, result, release)))
-        finish(writer.drain())
+        if writer is not None:
+            finish(writer.drain())
     store.mark_reconciled([p.id for p in projects if p.path not in summary.unreadable], datetime.now(UTC))
     summary.seconds = time.perf_counter() - started
     return summary
