@@ -570,7 +570,7 @@ class Store:
         if slugs is not None:
             query, params["slugs"] = _KNOWN_SLUGS, list(slugs)
         known: dict[int, dict[str, Known]] = {project_id: {} for project_id in project_ids}
-        with self.engine.connect() as conn:
+        with self._one_statement() as conn:
             # The driver's own rows, not SQLAlchemy's: a reconcile reads one per session, and no
             # column here needs a result processor (SQLite's booleans come as 0 and 1, which
             # compare equal to False and True).
