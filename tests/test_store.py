@@ -157,13 +157,13 @@ def test_second_reconcile_with_nothing_changed_writes_nothing(
 
 
 def test_after_release_memory_the_store_goes_on_writing(store: Store, engine: Engine, project: Path) -> None:
-    """A full pass ends with `release_memory`: SQLite's idle connections, with the page caches the
-    pass filled, are closed; the next batch opens a fresh one and writes as before."""
+    """A full pass ends with `release_memory`: SQLite's idle connections hand back the page caches
+    the pass filled, and stay open for the next batch, which writes as before."""
     write_state(project, "a", fixture_doc("v2-spec"))
     run(store, project)
+    idle = getattr(engine.pool, "checkedin", lambda: 0)()
     store.release_memory()
-    if store.file is not None:
-        assert engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert getattr(engine.pool, "checkedin", lambda: 0)() == idle
     write_state(project, "a", fixture_doc("v2-build"))
     assert run(store, project).totals.written == 1
     assert row(engine, "a")["current_phase"] == "build"
