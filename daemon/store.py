@@ -226,12 +226,39 @@ class _RecordsetUpsert:
         cursor.execute(self.sql, self.ready(rows))
 
 
+class _SqliteTime:
+    """`sqlite_time` for one column of a statement, remembering its last value. A batch stamps every
+    row with the same moment (synced_at, first_seen_at, an event's at), so the text of the last
+    value is reused while the same object comes again; (value, text) is replaced as one, so
+    threads sharing it are safe."""
+
+    def __init__(self) -> None:
+        self._last: tuple[datetime | None, str | None] = (None, None)
+
+    def __call__(self, value: datetime | None) -> str | None:
+        if value is None:
+            return None
+        last = self._last
+        if value is last[0]:
+            return last[1]
+        # UTC is what the product makes (now, file times, parsed timestamps): its text less
+        # "+00:00", without astimezone and replace; anything else as sqlite_time has it.
+        text = value.isoformat(" ", "microseconds")[:-6] if value.tzinfo is UTC else sqlite_time(value)
+        self._last = (value, text)
+        return text
+
+
+def _sqlite_json(value: Any) -> str:
+    """JSON as SQLAlchemy's JSON type binds it on SQLite: None as JSON null."""
+    return "null" if value is None else dumps(value)
+
+
 def _sqlite_converter(type_: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
     """How a value of `type_` is bound on SQLite (None: as it is)."""
     if isinstance(type_, UTCDateTime):
-        return sqlite_time
+        return _SqliteTime()
     if isinstance(type_, JSONDoc):
-        return dumps
+        return _sqlite_json
     if isinstance(type_, Boolean):
         return None  # sqlite3 binds True and False as 1 and 0, as SQLAlchemy's int() would
     processor: Callable[[Any], Any] | None = type_.dialect_impl(dialect).bind_processor(dialect)
