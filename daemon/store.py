@@ -757,52 +757,44 @@ class Store:
     ) -> None:
         valid, invalid, touch, tomb = [], [], [], []
         for project, change in ordered:
-            base = {"project_id": project.id, "slug": change.key.slug}
             if change.action is Action.TOMBSTONE:
                 tomb.append({"b_project_id": project.id, "b_slug": change.key.slug, "b_now": now})
                 continue
             probe = change.probe
-            stat_values = {
-                "state_hash": change.state_hash,
-                "state_size": probe.size if probe else None,
-                "state_mtime_ns": probe.mtime_ns if probe else None,
-                "state_mtime": (
-                    datetime.fromtimestamp(probe.mtime_ns / 1e9, UTC) if probe and probe.mtime_ns else None
-                ),
-                "spec_exists": probe.spec_exists if probe else False,
-                "plan_exists": probe.plan_exists if probe else False,
-                "dir_mtime_ns": probe.dir_mtime_ns if probe else None,
-            }
-            if change.action is Action.TOUCH:
-                touch.append({f"b_{k}": v for k, v in {**base, **stat_values}.items()})
-            elif change.mapped is None:
-                invalid.append(
-                    {
-                        **base,
-                        **stat_values,
-                        "synced_at": now,
-                        "first_seen_at": now,
-                        "deleted_at": None,
-                        "invalid": True,
-                        "sync_error": change.error,
-                        "sync_error_at": now,
-                    }
-                )
+            # One dict per row, filled in place: a cold reconcile plans one for every session.
+            row = (
+                {} if change.mapped is None or change.action is not Action.WRITE else change.mapped.columns()
+            )
+            row["project_id"] = project.id
+            row["slug"] = change.key.slug
+            row["state_hash"] = change.state_hash
+            if probe is None:
+                row.update(state_size=None, state_mtime_ns=None, state_mtime=None, dir_mtime_ns=None)
+                row.update(spec_exists=False, plan_exists=False)
             else:
-                valid.append(
-                    {
-                        **base,
-                        **stat_values,
-                        **change.mapped.columns(),
-                        "raw_state": change.raw_state,
-                        "synced_at": now,
-                        "first_seen_at": now,
-                        "deleted_at": None,
-                        "invalid": False,
-                        "sync_error": change.error,
-                        "sync_error_at": now if change.error else None,
-                    }
+                row["state_size"] = probe.size
+                row["state_mtime_ns"] = probe.mtime_ns
+                row["state_mtime"] = (
+                    datetime.fromtimestamp(probe.mtime_ns / 1e9, UTC) if probe.mtime_ns else None
                 )
+                row["spec_exists"] = probe.spec_exists
+                row["plan_exists"] = probe.plan_exists
+                row["dir_mtime_ns"] = probe.dir_mtime_ns
+            if change.action is Action.TOUCH:
+                touch.append({f"b_{k}": v for k, v in row.items()})
+                continue
+            row["synced_at"] = row["first_seen_at"] = now
+            row["deleted_at"] = None
+            row["sync_error"] = change.error
+            if change.mapped is None:
+                row["invalid"] = True
+                row["sync_error_at"] = now
+                invalid.append(row)
+            else:
+                row["raw_state"] = change.raw_state
+                row["invalid"] = False
+                row["sync_error_at"] = now if change.error else None
+                valid.append(row)
         steps = (
             (self._upsert_valid, valid),
             (self._upsert_invalid, invalid),
