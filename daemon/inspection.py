@@ -299,7 +299,7 @@ def _invalid(key: SessionKey, probe: Probe | None, reason: str, digest: str | No
 
 
 def _read_limited(path: str, max_bytes: int) -> tuple[bytes, int, int]:
-    """Read at most max_bytes + 1 bytes without following a link; stat the open file."""
+    """Read at most max_bytes + 1 bytes without following a link; stat the open file first."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
@@ -307,15 +307,21 @@ def _read_limited(path: str, max_bytes: int) -> tuple[bytes, int, int]:
             raise OSError(errno.ELOOP, "state.json is a symbolic link; links are not followed") from None
         raise
     try:
+        # The stat before the read: should the file change in between, the mtime kept is older
+        # than the content read, and the next pass reads it again (never the other way round).
+        st = os.fstat(fd)
         chunks = []
         remaining = max_bytes + 1
+        # os.read allocates what it is asked for: the first read asks for the file's size (and one
+        # byte more, to see it end), the others for 64 KiB, not a megabyte per call.
+        step = st.st_size + 1
         while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
+            chunk = os.read(fd, min(remaining, step))
             if not chunk:
                 break
             chunks.append(chunk)
             remaining -= len(chunk)
-        st = os.fstat(fd)
+            step = 1 << 16
     finally:
         os.close(fd)
     return b"".join(chunks), max(st.st_size, max_bytes + 1 - remaining), st.st_mtime_ns

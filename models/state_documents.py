@@ -1,14 +1,15 @@
 """The two generations of state.json as pydantic models, mapped to `sessions` columns, and the
 per-field fallback that keeps a document's good fields when some are of the wrong type.
 
-Imported by `state.map_state` on the first document mapped; nothing else imports it.
+Imported by `state.map_state` on the first document its plain reading does not vouch for (a
+field of the wrong type, or a value it cannot check the way the models do); nothing else imports it.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Final, TypeVar
 
 from pydantic import (
@@ -23,19 +24,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from sessionsync.models.state import DEFAULT_ARTIFACTS, MappedState, json_kind
+from sessionsync.models.state import DEFAULT_ARTIFACTS, MappedState, json_kind, parse_timestamp
 
 
 def _timestamp(value: Any) -> datetime | None:
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-            # Naive means UTC; an offset is converted so every value compares the same way.
-            return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-        except (ValueError, OverflowError):
-            pass
+    if isinstance(value, str) and (moment := parse_timestamp(value)) is not None:
+        return moment
     raise PydanticCustomError("iso_timestamp", "an ISO 8601 timestamp")
 
 

@@ -240,7 +240,7 @@ def test_unknown_fields_stay_in_the_decoded_document() -> None:
 def test_columns_are_every_field_but_field_errors() -> None:
     state = map_state(example("v2-build.json"))
 
-    assert set(state.columns()) == set(MappedState.__slots__) - {"field_errors"}
+    assert set(state.columns()) == set(MappedState._fields) - {"field_errors"}
 
 
 # --- generation and defaults --------------------------------------------------------------------
@@ -790,3 +790,90 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     raw = b'{"a": "' + b"[" * 1000 + b'", "b": "\\\\", "c": "\\"' + b"{" * 100 + b'"}'
 
     assert decode_document(raw)["a"] == "[" * 1000
+
+
+# --- the plain reading and the models agree -----------------------------------------------------
+
+# Values of every JSON type and the edges the models check: bools are not counts, counts fit in
+# 32 bits, timestamps parse.
+_PROBES: list[Any] = [
+    None, "", "x", "2025-01-01T00:00:00Z", "2025-01-01T02:00:00+02:00", "2025-01-01", "not a date",
+    0, 5, -1, 2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**70, True, False, 1.5,
+    [], [1, "a"], {}, {"a": 1}, {"started_at": 3}, [{"sha": 1}],
+]  # fmt: skip
+_PATHS: list[tuple[str, ...]] = [
+    *[(k,) for k in ("session_id", "topic", "title", "description", "current_phase", "created_at")],
+    *[(k,) for k in ("updated_at", "session_type", "granularity", "status", "phase_history", "git")],
+    *[(k,) for k in ("build_progress", "plan_state", "phases", "commits", "artifacts")],
+    *[("git", k) for k in ("branch", "worktree", "base_branch")],
+    *[(s, k) for s in ("build_progress", "plan_state") for k in ("checkpoints_total", "current_checkpoint")],
+    ("build_progress", "checkpoints_completed"),
+    ("plan_state", "checkpoints_completed"),
+    *[("phases", p) for p in ("spec", "plan", "build", "docs")],
+    *[("phases", p, k) for p in ("spec", "build") for k in ("started_at", "finalized_at", "completed_at")],
+    *[("commits", 0, k) for k in ("sha", "message", "checkpoint", "checkpoint_id", "created_at")],
+    ("commits", 1),
+]
+_DELETE = object()
+
+
+def _altered(doc: dict[str, Any], path: tuple[str | int, ...], value: Any) -> dict[str, Any] | None:
+    """A deep copy of `doc` with the value at `path` replaced (or deleted); None if the path is not there."""
+    copy: Any = json.loads(json.dumps(doc))
+    parent = copy
+    for step in path[:-1]:
+        child = parent.get(step) if isinstance(parent, dict) else None
+        if isinstance(parent, list) and isinstance(step, int) and step < len(parent):
+            child = parent[step]
+        if not isinstance(child, dict | list):
+            return None
+        parent = child
+    last = path[-1]
+    if isinstance(parent, list):
+        if not isinstance(last, int) or last >= len(parent):
+            return None
+        if value is _DELETE:
+            del parent[last]
+        else:
+            parent[last] = value
+    elif isinstance(last, str):
+        if value is _DELETE:
+            parent.pop(last, None)
+        else:
+            parent[last] = value
+    return copy
+
+
+def _variants() -> list[dict[str, Any]]:
+    bases = [example(p.name) for p in sorted(FIXTURES.glob("*.json"))]
+    both = {"commits": [{"checkpoint": None, "checkpoint_id": 4}, {"checkpoint_id": 2, "sha": "a"}]}
+    bases += [{**base, **both} for base in list(bases)]
+    bases += [{}, {"phase_history": None}, {"build_progress": {}}, {"phases": {}}]
+    found = list(bases)
+    for base in bases:
+        for path in _PATHS:
+            for value in [*_PROBES, _DELETE]:
+                doc = _altered(base, path, value)
+                if doc is not None:
+                    found.append(doc)
+    return found
+
+
+def test_the_plain_reading_maps_every_document_as_the_models_do() -> None:
+    # map_state reads well-typed documents without pydantic and hands the rest to the models;
+    # either way the result must be exactly what the models alone give, field errors included.
+    # It also vouches for every document the models find no fault with, or it would save nothing.
+    from sessionsync.models.state import _map_plain, _Unsure
+    from sessionsync.models.state_documents import map_document
+
+    variants = _variants()
+    assert len(variants) > 5000
+    for doc in variants:
+        by_models = map_document(doc)
+        assert map_state(doc) == by_models, doc
+        try:
+            _map_plain(doc)
+        except _Unsure:
+            assert by_models.field_errors, doc
+        else:
+            assert not by_models.field_errors, doc
