@@ -510,14 +510,14 @@ class Burst:
         """The target, for each run of the session's writes with no quiet period between two of
         them (a gap of debounce_s or more ends a run: the next write is an isolated save again):
         two row writes (the run's leading and trailing edge), plus one per max_delay window the
-        run spans."""
+        run spans, and never more than the run's writes."""
         allowed = 0
         times = self.times[slug]
-        start = times[0]
-        for before, after in pairwise([*times, math.inf]):
+        start = 0
+        for n, (before, after) in enumerate(pairwise([*times, math.inf])):
             if after - before >= debounce_s:
-                allowed += 2 + int((before - start) // max_delay_s)
-                start = after
+                allowed += min(n + 1 - start, 2 + int((before - times[start]) // max_delay_s))
+                start = n + 1
         return allowed
 
     def gaps(self) -> list[float]:
