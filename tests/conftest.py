@@ -26,7 +26,11 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
+from sessionsync.daemon.db import make_engine
+from sessionsync.daemon.migrate import upgrade
+from sessionsync.daemon.store import Store
 from tests.support.databases import libpq_url, postgres_schema
 from tests.support.inotify_limits import inotify_sysctls
 from tests.support.leaks import ConnectionLedger
@@ -152,6 +156,20 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     with postgres_schema(require_postgres()) as schema:
         yield schema.url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on `db_url` with the schema migrated to the head."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine: Engine) -> Store:
+    return Store(engine)
 
 
 @pytest.fixture

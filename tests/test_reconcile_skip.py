@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select, update
 
-from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
-from sessionsync.daemon.migrate import upgrade
 from sessionsync.daemon.reconcile import ReconcileSummary, reconcile, register
 from sessionsync.daemon.store import Store
 from sessionsync.models.tables import sessions
@@ -24,19 +21,6 @@ from tests.support.sessions import fixture_doc, write_state
 
 MAX = 1_048_576
 HOUR_NS = 3600 * 10**9
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(engine: Engine) -> Store:
-    return Store(engine)
 
 
 def run(store: Store, project: Path) -> ReconcileSummary:

@@ -39,19 +39,6 @@ from tests.support.waiting import wait_for
 MAX = 1_048_576
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(engine: Engine) -> Store:
-    return Store(engine)
-
-
 def run(store: Store, *folders: Path) -> ReconcileSummary:
     refs = register(store, [project_at(str(f), "agents/sessions") for f in folders])
     return reconcile(store, list(refs.values()), MAX, batch_size=3)

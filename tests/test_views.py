@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +16,6 @@ import pytest
 from alembic import command
 from sqlalchemy import Engine, inspect, text
 
-from sessionsync.daemon.db import make_engine
 from sessionsync.daemon.discovery import project_at
 from sessionsync.daemon.migrate import alembic_config, upgrade
 from sessionsync.daemon.reconcile import reconcile, register
@@ -132,14 +130,6 @@ class Mirror:
             doc = None if data is None else json.loads(data)
             found[key] = (want, doc)
         return found
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
