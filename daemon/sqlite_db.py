@@ -87,6 +87,9 @@ def sqlite_time(value: datetime | None) -> str | None:
     """What UTCDateTime and SQLite's DATETIME together bind: naive UTC as `YYYY-MM-DD HH:MM:SS.ffffff`."""
     if value is None:
         return None
+    if value.tzinfo is UTC:
+        # What the product makes (now, file times, parsed timestamps): its text less "+00:00".
+        return value.isoformat(" ", "microseconds")[:-6]
     if value.tzinfo is None:
         raise ValueError(f"naive datetime {value!r}: sessionsync stores aware UTC times only")
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")

@@ -244,9 +244,7 @@ class _SqliteTime:
         last = self._last
         if value is last[0]:
             return last[1]
-        # UTC is what the product makes (now, file times, parsed timestamps): its text less
-        # "+00:00", without astimezone and replace; anything else as sqlite_time has it.
-        text = value.isoformat(" ", "microseconds")[:-6] if value.tzinfo is UTC else sqlite_time(value)
+        text = sqlite_time(value)
         self._last = (value, text)
         return text
 
