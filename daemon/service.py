@@ -12,6 +12,7 @@ see only the facade at the end of Service (status, pause, resume, resync, reconc
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -518,9 +519,11 @@ class Service:
         self._publish(events)
         self._count_sessions()
         if job.projects is None:
-            # A full pass leaves pages in the SQLite connections' caches, and freed ones inside the
-            # heap that glibc keeps for later: both go back, once its last query is done.
+            # A full pass leaves pages in the SQLite connections' caches, garbage the collector has
+            # not reached yet, and freed pages inside the heap that glibc keeps for later: all of it
+            # goes back, once its last query is done.
             self.store.release_memory()
+            gc.collect()
             malloc.trim()
         return summary
 

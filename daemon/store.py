@@ -503,21 +503,24 @@ class Store:
         return st.st_dev, st.st_ino
 
     def release_memory(self) -> None:
-        """Have the pool's idle SQLite connections hand back the pages a full pass left in their
-        caches (SQLite keeps up to 2 MiB per connection): `PRAGMA shrink_memory` on each. They stay
-        open: a daemon short of file descriptors needs no new one for its next batch. Nothing to do
-        on PostgreSQL, whose pages live in the server."""
+        """After a full pass: of the pool's idle SQLite connections, the first hands back the pages
+        the pass left in its cache (`PRAGMA shrink_memory`; SQLite keeps up to 2 MiB per connection)
+        and stays open, so that a daemon short of file descriptors needs no new one for its next
+        batch; the others are closed, with their caches and prepared statements, and reopened when
+        needed. Nothing to do on PostgreSQL, whose pages live in the server."""
         if self.file is None:
             return
         idle: list[Any] = []
         try:
             for _ in range(getattr(self.engine.pool, "checkedin", lambda: 0)()):
-                idle.append(self.engine.raw_connection())  # the idle ones come first
-            for conn in idle:
-                conn.driver_connection.execute("PRAGMA shrink_memory")
+                idle.append(self.engine.raw_connection())  # the idle ones come first, oldest first
+            if idle:
+                idle[0].driver_connection.execute("PRAGMA shrink_memory")
         finally:
-            for conn in idle:
-                conn.close()  # back to the pool
+            for n, conn in enumerate(idle):
+                if n:
+                    conn.invalidate()
+                conn.close()  # back to the pool, the first one ahead of the others
 
     def remember_file(self) -> None:
         """Take the SQLite file as it is now as the one the mirror lives in."""
