@@ -44,11 +44,12 @@ def _quiet_logging(cfg: Config) -> None:
 
 
 def _open_store(cfg: Config) -> Any:
+    """The store of a one-shot command, its schema upgraded (or checked); the caller has set up
+    logging (`_quiet_logging`)."""
     from sessionsync.daemon.db import make_engine
     from sessionsync.daemon.migrate import upgrade
     from sessionsync.daemon.store import Store
 
-    _quiet_logging(cfg)
     engine = make_engine(cfg.database_url(), own_folder=not cfg.database.url)
     if cfg.database.auto_migrate:
         _guard_database(lambda: upgrade(engine), cfg)
@@ -154,6 +155,7 @@ def cmd_reconcile(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_sessions(args: argparse.Namespace, cfg: Config) -> int:
+    _quiet_logging(cfg)
     store = _open_store(cfg)
     project = os.path.realpath(args.project) if args.project else None
     if project is not None and project not in {r.path for r in _guard_database(store.known_projects, cfg)}:
