@@ -282,6 +282,27 @@ def not_unchanged(sessions_fd: int, slugs: Iterable[str], rows: Mapping[str, Sta
     return todo
 
 
+def to_inspect(sessions_dir: str, slugs: list[str], rows: Mapping[str, Stat]) -> list[str]:
+    """The listed session folders of `sessions_dir` that `not_unchanged` does not vouch for: all of
+    them when the sessions folder cannot be opened (the inspection then says why)."""
+    if not rows:
+        return list(slugs)
+    try:
+        fd = os.open(sessions_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return list(slugs)
+    try:
+        return not_unchanged(fd, slugs, rows, time.time_ns())
+    finally:
+        os.close(fd)
+
+
+def gone(rows: Mapping[str, Stat], slugs: list[str]) -> list[str]:
+    """The live rows whose session folder is not among `slugs`: to be tombstoned."""
+    # row[5]: deleted; the set difference runs in C.
+    return [slug for slug in rows.keys() - slugs if not rows[slug][5]]
+
+
 def _same_stat(st: os.stat_result, state_st: os.stat_result, row: Known, now_ns: int) -> bool:
     """The folder and its state.json stat as the row recorded them, the folder's mtime old enough
     to trust (RACY_WINDOW_NS): spec.md and plan.json are then as they were, and so is the file.

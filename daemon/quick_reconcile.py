@@ -24,7 +24,7 @@ from contextlib import closing
 from datetime import UTC, datetime
 
 from sessionsync.daemon.discovery import ProjectPath, list_slugs
-from sessionsync.daemon.inspection import not_unchanged
+from sessionsync.daemon.inspection import gone, to_inspect
 from sessionsync.daemon.results import ReconcileSummary
 from sessionsync.daemon.sqlite_db import BUSY_TIMEOUT_MS, configure, make_private, sqlite_time
 from sessionsync.models.migrations import HEAD
@@ -102,20 +102,9 @@ def _unchanged_folders(conn: sqlite3.Connection, project_id: int, sessions_dir: 
             (project_id,),
         )
     }
-    listed = set(slugs)
-    if any(not row[5] and slug not in listed for slug, row in rows.items()):  # row[5]: deleted
-        return None  # a folder is gone: its row is to be tombstoned
-    if not slugs:
-        return 0
-    try:
-        fd = os.open(sessions_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        # Every folder has a row and matches it: none that the check does not vouch for.
-        return None if not_unchanged(fd, slugs, rows, time.time_ns()) else len(slugs)
-    finally:
-        os.close(fd)
+    if gone(rows, slugs) or to_inspect(sessions_dir, slugs, rows):
+        return None  # a row to tombstone, or a folder to look at
+    return len(slugs)
 
 
 def _mark_reconciled(conn: sqlite3.Connection, project_ids: Sequence[int]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -22,7 +21,7 @@ from loguru import logger
 
 from sessionsync.daemon.batch import inspect_batch, load_known, sync_batch
 from sessionsync.daemon.discovery import ProjectPath, list_slugs
-from sessionsync.daemon.inspection import Stat, not_unchanged
+from sessionsync.daemon.inspection import Stat, gone, to_inspect
 from sessionsync.daemon.results import BatchResult, ReconcileSummary
 from sessionsync.daemon.store import ProjectRef, Store
 from sessionsync.daemon.writer import BatchWriter, Submitted, open_writer
@@ -186,10 +185,9 @@ def _batches(
             continue
         summary.seen += len(on_disk)
         rows = group[project.id]
-        todo = _not_unchanged(project.sessions_dir, on_disk, rows) if rows else on_disk
+        todo = to_inspect(project.sessions_dir, on_disk, rows)
         skipped(len(on_disk) - len(todo))
-        # Live rows whose folder is not listed (row[5]: deleted); the set difference runs in C.
-        todo.extend(slug for slug in rows.keys() - on_disk if not rows[slug][5])
+        todo.extend(gone(rows, on_disk))
         for slug in sorted(todo):
             key = SessionKey(project.path, slug)
             chunk.append(key)
@@ -200,16 +198,3 @@ def _batches(
                 chunk, with_rows = [], []
     if chunk:
         yield chunk, with_rows
-
-
-def _not_unchanged(sessions_dir: str, slugs: list[str], rows: dict[str, Stat]) -> list[str]:
-    """The slugs whose folder `inspection.not_unchanged` does not vouch for: all of them when the
-    sessions folder cannot be opened (the inspection says why)."""
-    try:
-        fd = os.open(sessions_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return slugs
-    try:
-        return not_unchanged(fd, slugs, rows, time.time_ns())
-    finally:
-        os.close(fd)
