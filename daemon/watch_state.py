@@ -308,18 +308,25 @@ class ProjectWatches:
         return entry.state
 
     def _add_parent_watch(self, source: WatchSource, entry: _Project) -> None:
-        parent, name = os.path.dirname(entry.sessions_dir), os.path.basename(entry.sessions_dir)
         # While the parent is missing too (a branch without agents/ checked out), the nearest folder
         # of the project that exists is watched for the missing one's return, alone (never
         # recursively); without it the retry backoff, up to 5 minutes, decided when it was seen.
         # _check moves the watch down again as the folders come back (the idents differ).
-        while parent.startswith(entry.project + os.sep) and self._ident(parent) is None:
-            parent, name = os.path.dirname(parent), os.path.basename(parent)
-        ident = self._ident(parent)
-        wd = source.watch_parent(parent, entry.project, name)
-        if wd is None:
-            return  # EACCES: nothing is watched
-        entry.parent_wd, entry.parent_ident = wd, ident
+        below = os.path.dirname(entry.sessions_dir)
+        for _ in range(below.count(os.sep) + 1):  # at most once per folder on the way down
+            parent, name = below, os.path.basename(entry.sessions_dir)
+            while parent.startswith(entry.project + os.sep) and self._ident(parent) is None:
+                parent, name = os.path.dirname(parent), os.path.basename(parent)
+            ident = self._ident(parent)
+            wd = source.watch_parent(parent, entry.project, name)
+            if wd is None:
+                return  # EACCES: nothing is watched
+            entry.parent_wd, entry.parent_ident = wd, ident
+            # The folder waited for came back before its parent's watch was in place, so no event
+            # will tell: watch further down. (The sessions folder itself, _arm looks for next.)
+            if parent == below or self._ident(os.path.join(parent, name)) is None:
+                return
+            self._drop_parent(entry)
 
     def _drop_parent(self, entry: _Project) -> None:
         wd, entry.parent_wd, entry.parent_ident = entry.parent_wd, None, None

@@ -227,6 +227,24 @@ def test_with_agents_missing_too_the_project_folder_is_watched_and_the_watch_mov
     assert t.watches.due() == []
 
 
+def test_a_folder_back_before_its_parents_watch_is_in_place_moves_the_watch_down() -> None:
+    # agents/ comes back between the look that found it missing and the watch for its return on the
+    # project folder: no event will tell, so the watch must go to agents/ at once.
+    t = make_table(P)
+    watch_parent = t.source.watch_parent
+
+    def agents_back_meanwhile(path: str, project: str, name: str) -> int | None:
+        if name == "agents":
+            t.folders.mkdir(AGENTS)
+        return watch_parent(path, project, name)
+
+    t.source.watch_parent = agents_back_meanwhile  # type: ignore[method-assign]
+    assert t.watches.add(P, SESSIONS, SESSIONS) == "missing"
+    assert t.source.parent_folders() == [AGENTS]
+    t.folders.mkdir(SESSIONS)
+    assert t.watches.check(P) == [(P, RESYNC_CREATED)]
+
+
 def test_without_any_folder_to_watch_it_is_looked_for_with_backoff() -> None:
     t = make_table()
     assert t.watches.add(P, SESSIONS, SESSIONS) == "missing"
